@@ -1,0 +1,1 @@
+"""Async TCP transport: framing, zero-copy receive, handshake + auth, striped links."""
