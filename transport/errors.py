@@ -25,3 +25,7 @@ class PeerLostError(PCCLError):
 
 class InvalidUsageError(PCCLError, ValueError):
     """The caller used the API wrongly; the message says what to do instead."""
+
+
+class PeerUnreachableError(PeerLostError):
+    """A connection to a peer could not be established (refused, unreachable, timed out)."""

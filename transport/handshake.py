@@ -1,0 +1,266 @@
+"""The connection handshake: versioned hello, mutual HMAC challenge-response, session keys.
+
+Wire flow and message fields are in ``docs/protocol.md`` §1. The functions here
+only need a way to send and receive handshake frames, so they run on a real
+connection and in tests alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgpack
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from transport.errors import AuthenticationError, InvalidUsageError, ProtocolError
+from transport.frame import PROTOCOL_VERSION, FrameHeader, FrameType
+from transport.message import decode, encode, message
+
+NONCE_SIZE = 32
+#: Default time a handshake may take before the connection is dropped (§1).
+HANDSHAKE_TIMEOUT = 5.0
+MAX_ROLE_LEN = 64
+MAX_PEER_ID_LEN = 256
+MAX_POOL_SIZE = 256
+_U64_MAX = (1 << 64) - 1
+_TRANSCRIPT_LABEL = "pccl handshake v1"
+
+PeerId = int | str | None
+
+
+@message("transport.hello")
+class Hello:
+    """First frame of the connecting side (§1)."""
+
+    version: int
+    role: str
+    peer_id: int | str | None
+    nonce: bytes
+    auth: bool
+    link_id: int | None = None
+    index: int = 0
+    pool_size: int = 1
+
+    def __post_init__(self) -> None:
+        _check_nonce(self.nonce)
+        check_identity(self.role, self.peer_id)
+        if self.link_id is not None and not 0 <= self.link_id <= _U64_MAX:
+            raise ValueError("link_id must be an unsigned 64-bit integer")
+        if not 1 <= self.pool_size <= MAX_POOL_SIZE or not 0 <= self.index < self.pool_size:
+            raise ValueError(f"bad pool position {self.index} of {self.pool_size}")
+
+
+@message("transport.challenge")
+class Challenge:
+    """The accepting side's nonce, its proof of the secret (empty without one) and identity (§1)."""
+
+    nonce: bytes
+    proof: bytes
+    role: str
+    peer_id: int | str | None
+
+    def __post_init__(self) -> None:
+        _check_nonce(self.nonce)
+        check_identity(self.role, self.peer_id)
+
+
+@message("transport.auth")
+class Auth:
+    """The connecting side's proof of the secret (empty without one) (§1)."""
+
+    proof: bytes
+
+
+@message("transport.accept")
+class Accept:
+    """The handshake succeeded; ordinary frames follow (§1)."""
+
+
+@message("transport.reject")
+class Reject:
+    """The accepting side refuses the connection and closes it (§1)."""
+
+    reason: str
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    """Per-connection key material derived from the secret and both nonces (HKDF-SHA256)."""
+
+    client_to_server: bytes
+    server_to_client: bytes
+
+
+class HandshakeChannel(Protocol):
+    """What the handshake needs from a connection."""
+
+    def send_handshake(self, frame_type: FrameType, payload: bytes, *, version: int = PROTOCOL_VERSION) -> None:
+        """Write one handshake frame carrying an encoded message."""
+
+    async def recv_handshake(self) -> tuple[FrameHeader, bytearray]:
+        """The next handshake frame (header version not enforced)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeResult:
+    """What both ends know after a successful handshake."""
+
+    hello: Hello
+    peer_role: str
+    peer_id: PeerId
+    keys: SessionKeys
+
+
+def _check_nonce(nonce: bytes) -> None:
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
+
+
+def check_identity(role: str, peer_id: PeerId) -> None:
+    """Raise ValueError unless ``role``/``peer_id`` fit the hello's limits (§1)."""
+    if not role or len(role) > MAX_ROLE_LEN:
+        raise ValueError(f"role must be 1..{MAX_ROLE_LEN} characters")
+    if isinstance(peer_id, str) and len(peer_id) > MAX_PEER_ID_LEN:
+        raise ValueError(f"peer id longer than {MAX_PEER_ID_LEN} characters")
+
+
+def _transcript(hello_payload: bytes, challenge: Challenge) -> bytes:
+    """The bytes both proofs are computed over: binds the hello, the server nonce and identity."""
+    packed: bytes = msgpack.packb(
+        [_TRANSCRIPT_LABEL, hello_payload, challenge.nonce, challenge.role, challenge.peer_id],
+        use_bin_type=True,
+    )
+    return hashlib.sha256(packed).digest()
+
+
+def _proof(secret: bytes, side: bytes, transcript: bytes) -> bytes:
+    return hmac.new(secret, side + transcript, hashlib.sha256).digest()
+
+
+def derive_keys(secret: bytes | None, client_nonce: bytes, server_nonce: bytes, transcript: bytes) -> SessionKeys:
+    """HKDF-SHA256 over the secret, salted with both nonces; one key per direction. Raises nothing."""
+    okm = HKDF(
+        algorithm=hashes.SHA256(),
+        length=64,
+        salt=client_nonce + server_nonce,
+        info=b"pccl session keys v1" + transcript,
+    ).derive(secret or b"")
+    return SessionKeys(okm[:32], okm[32:])
+
+
+def _version_mismatch(ours: int, theirs: int, we: str, they: str) -> str:
+    verb = "speak" if we == "we" else "speaks"
+    return f"protocol version mismatch: {we} {verb} {ours}, {they} speaks {theirs}"
+
+
+async def client_handshake(
+    channel: HandshakeChannel,
+    *,
+    role: str,
+    peer_id: PeerId,
+    secret: bytes | None,
+    link_id: int | None = None,
+    index: int = 0,
+    pool_size: int = 1,
+    version: int = PROTOCOL_VERSION,
+) -> HandshakeResult:
+    """Run the connecting side of §1 on ``channel``.
+
+    Raises:
+        AuthenticationError: the server refused us (its reason is in the message),
+            could not prove it knows our secret, has no secret while we do, or
+            speaks another protocol version (both versions are named).
+        ProtocolError: the server sent something that is not a valid handshake.
+        InvalidUsageError: bad ``role``/``peer_id``/pool arguments.
+    """
+    try:
+        hello = Hello(version, role, peer_id, secrets.token_bytes(NONCE_SIZE), secret is not None,
+                      link_id, index, pool_size)
+    except ValueError as exc:
+        raise InvalidUsageError(str(exc)) from exc
+    hello_payload = encode(hello)
+    channel.send_handshake(FrameType.HELLO, hello_payload, version=version)
+    header, payload = await _recv(channel, version, (FrameType.CHALLENGE, FrameType.REJECT))
+    challenge = decode(payload, expect=Challenge)
+    transcript = _transcript(hello_payload, challenge)
+    proof = b""
+    if secret is not None:
+        if not challenge.proof:
+            raise AuthenticationError("the server does not use a shared secret but we do; refusing it")
+        if not hmac.compare_digest(challenge.proof, _proof(secret, b"server", transcript)):
+            raise AuthenticationError("the server could not prove it knows the shared secret (wrong secret?)")
+        proof = _proof(secret, b"client", transcript)
+    channel.send_handshake(FrameType.AUTH, encode(Auth(proof)), version=version)
+    await _recv(channel, version, (FrameType.ACCEPT, FrameType.REJECT))
+    keys = derive_keys(secret, hello.nonce, challenge.nonce, transcript)
+    return HandshakeResult(hello, challenge.role, challenge.peer_id, keys)
+
+
+async def server_handshake(
+    channel: HandshakeChannel, *, role: str, peer_id: PeerId, secret: bytes | None
+) -> HandshakeResult:
+    """Run the accepting side of §1 on ``channel``; refusals are sent to the peer as REJECT.
+
+    Raises:
+        AuthenticationError: wrong or missing secret, or a protocol version mismatch.
+        ProtocolError: the client sent something that is not a valid handshake.
+    """
+    header, payload = await channel.recv_handshake()
+    if header.type is not FrameType.HELLO:
+        raise ProtocolError(f"expected HELLO, got {header.type.name}")
+    if header.version != PROTOCOL_VERSION:
+        reason = _version_mismatch(header.version, PROTOCOL_VERSION, "client", "server")
+        _reject(channel, reason)
+        raise AuthenticationError(reason)
+    hello = decode(payload, expect=Hello)
+    if hello.version != PROTOCOL_VERSION:
+        reason = _version_mismatch(hello.version, PROTOCOL_VERSION, "client", "server")
+        _reject(channel, reason)
+        raise AuthenticationError(reason)
+    if secret is not None and not hello.auth:
+        _reject(channel, "this server requires a shared secret")
+        raise AuthenticationError(f"peer {hello.peer_id!r} connected without the shared secret")
+    if secret is None and hello.auth:
+        _reject(channel, "this server has no shared secret configured")
+        raise AuthenticationError(f"peer {hello.peer_id!r} offered a secret this server does not have")
+    challenge = Challenge(secrets.token_bytes(NONCE_SIZE), b"", role, peer_id)
+    transcript = _transcript(bytes(payload), challenge)
+    if secret is not None:
+        challenge = Challenge(challenge.nonce, _proof(secret, b"server", transcript), role, peer_id)
+    channel.send_handshake(FrameType.CHALLENGE, encode(challenge))
+    header, payload = await channel.recv_handshake()
+    if header.type is not FrameType.AUTH or header.version != PROTOCOL_VERSION:
+        raise ProtocolError(f"expected AUTH, got {header.type.name}")
+    auth = decode(payload, expect=Auth)
+    expected = _proof(secret, b"client", transcript) if secret is not None else b""
+    if not hmac.compare_digest(auth.proof, expected):
+        _reject(channel, "authentication failed")
+        raise AuthenticationError(f"peer {hello.peer_id!r} failed authentication (wrong secret?)")
+    channel.send_handshake(FrameType.ACCEPT, encode(Accept()))
+    keys = derive_keys(secret, hello.nonce, challenge.nonce, transcript)
+    return HandshakeResult(hello, hello.role, hello.peer_id, keys)
+
+
+def _reject(channel: HandshakeChannel, reason: str) -> None:
+    channel.send_handshake(FrameType.REJECT, encode(Reject(reason)))
+
+
+async def _recv(
+    channel: HandshakeChannel, version: int, allowed: tuple[FrameType, ...]
+) -> tuple[FrameHeader, bytearray]:
+    """Client side: the next frame, turning REJECT and version trouble into AuthenticationError."""
+    header, payload = await channel.recv_handshake()
+    if header.version != version:
+        raise AuthenticationError(_version_mismatch(version, header.version, "we", "the server"))
+    if header.type is FrameType.REJECT:
+        reject = decode(payload, expect=Reject)
+        raise AuthenticationError(f"the server refused the connection: {reject.reason}")
+    if header.type not in allowed:
+        raise ProtocolError(f"expected {allowed[0].name}, got {header.type.name}")
+    return header, payload
