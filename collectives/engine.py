@@ -40,8 +40,11 @@ class RingPeers(Protocol):
       ``(tag, seq)`` from rank ``rank - 1`` were written into ``buf`` (``ProtocolError`` on a
       size mismatch). A cancelled receive must never write into ``buf`` afterwards.
     - ``forget(tag)`` drops data held for ``tag`` and refuses its late frames; after it returns
-      nothing writes into a buffer posted for ``tag``.
-    Both coroutines raise ``PeerLostError`` when the neighbour is gone.
+      nothing writes into a buffer posted for ``tag``. The neighbours are not told.
+    - ``abort(tag, reason)`` forgets ``tag`` like ``forget`` and makes both neighbours' transfers
+      of ``tag`` fail with ``PeerLostError`` naming ``reason``, so a failure travels around the
+      ring (``docs/protocol.md`` §4, §7.6). Called when an operation fails or is cancelled.
+    Both coroutines raise ``PeerLostError`` when the neighbour is gone or aborted the tag.
     """
 
     @property
@@ -55,6 +58,8 @@ class RingPeers(Protocol):
     async def recv_prev(self, tag: int, seq: int, buf: memoryview) -> None: ...
 
     def forget(self, tag: int) -> None: ...
+
+    def abort(self, tag: int, reason: str) -> None: ...
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -154,15 +159,16 @@ class Operation:
 
         Raises:
             PeerLostError, ProtocolError: from the transport; every transfer still pending is
-                cancelled and ``peers.forget(tag)`` called before this returns.
+                cancelled and ``peers.abort(tag, reason)`` called before this returns (also when
+                the operation is cancelled).
         """
         self._failed = asyncio.get_running_loop().create_future()
         states = [self._scratch() for _ in range(self._workers)]
         try:
             workers = [self._spawn(self._worker(i, st)) for i, st in enumerate(states)]
             await self._wait(workers)
-        except BaseException:
-            await self._abort()
+        except BaseException as exc:
+            await self._abort(exc)
             raise
         finally:
             for st in states:
@@ -188,15 +194,19 @@ class Operation:
         for w in workers:  # a worker's failure may not have reached _failed yet
             w.result()
 
-    async def _abort(self) -> None:
-        """Cancel every transfer of this operation and wait until none can touch a buffer."""
+    async def _abort(self, exc: BaseException) -> None:
+        """Cancel every transfer of this operation, tell the neighbours, and wait until no
+        transfer can touch a buffer."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        # Tell the neighbours before waiting for the tasks to unwind (§7.6); the cancelled
+        # tasks have not run since, so none of them can start a transfer of the tag any more.
+        reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else f"{type(exc).__name__}: {exc}"
         try:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self.peers.abort(self.tag, f"rank {self.rank}: {reason}")
         finally:
-            self.peers.forget(self.tag)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _post_ag(self, p: int, region: Callable[[int, int], torch.Tensor]) -> list[asyncio.Future[None] | None]:
         """Post the all-gather receives of piece ``p`` straight into their final place.

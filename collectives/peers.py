@@ -48,7 +48,19 @@ class LinkRingPeers:
         await self.prev_link.recv_into(tag, seq, buf)
 
     def forget(self, tag: int) -> None:
-        """Drop held data of ``tag`` on both links and refuse its late frames. Raises nothing."""
+        """Drop held data of ``tag`` on both links and refuse its late frames; the neighbours
+        are not told (use after a success). Raises nothing."""
         self.next_link.forget(tag)
         if self.prev_link is not self.next_link:
             self.prev_link.forget(tag)
+
+    def abort(self, tag: int, reason: str) -> None:
+        """Forget ``tag`` on both links and tell both neighbours, whose transfers of ``tag`` then
+        fail with ``PeerLostError`` naming ``reason`` (``docs/protocol.md`` §4, §7.6).
+
+        Raises:
+            InvalidUsageError: ``tag`` is not an unsigned 64-bit integer.
+        """
+        self.next_link.abort_tag(tag, reason)
+        if self.prev_link is not self.next_link:
+            self.prev_link.abort_tag(tag, reason)

@@ -6,8 +6,8 @@ the same ``tag``, dtype, length, op, quantization and ``piece_bytes`` (``window`
 are local choices). Each returns ``(tx_bytes, rx_bytes)``: payload bytes this rank sent and
 received (with quantization, the encoded size).
 
-After a **failure** (an exception; ``peers.forget(tag)`` has been called and no transfer of the
-operation touches any buffer any more):
+After a **failure** (an exception; ``peers.abort(tag, reason)`` has been called, so the
+neighbours fail too, and no transfer of the operation touches any buffer any more):
 
 - ``ring_all_reduce``: ``src`` is unchanged unless it *is* ``dst``. Each element of ``dst`` holds
   its previous value, a partial reduction, or its final value; an element whose bytes were

@@ -51,17 +51,22 @@ CLOSE_GRACE = 5.0
 PAUSED_PROBE_INTERVAL = 0.1
 
 CloseCallback = Callable[["Connection", PeerLostError], None]
-_OPEN_TYPES = frozenset({FrameType.CONTROL, FrameType.DATA, FrameType.HEARTBEAT, FrameType.CLOSE})
+_OPEN_TYPES = frozenset(
+    {FrameType.CONTROL, FrameType.DATA, FrameType.HEARTBEAT, FrameType.CLOSE, FrameType.ABORT_TAG}
+)
 
 
 class DataSink(Protocol):
-    """Receives the DATA frames of a connection (a :class:`~transport.link.Link` is one)."""
+    """Receives the DATA and ABORT_TAG frames of a connection (a :class:`~transport.link.Link` is one)."""
 
     def data_begin(self, conn: Connection, header: FrameHeader) -> memoryview | None:
         """Destination of exactly ``header.length`` bytes, or None to discard them."""
 
     def data_end(self, conn: Connection, header: FrameHeader) -> bool:
         """The frame is complete; return False to pause reading on ``conn`` until resumed."""
+
+    def tag_aborted(self, conn: Connection, tag: int, reason: str) -> None:
+        """The peer aborted every transfer of ``tag`` (an ABORT_TAG frame, ``docs/protocol.md`` §4)."""
 
 
 class _Protocol(asyncio.BufferedProtocol):
@@ -250,6 +255,10 @@ class Connection:
             self._wake_handshake()
         elif kind is FrameType.CONTROL:
             self.inbox.put(decode(payload, header.compressed), self)
+        elif kind is FrameType.ABORT_TAG:
+            if self.sink is None:
+                raise ProtocolError("ABORT_TAG frame on a connection that carries no transfers")
+            self.sink.tag_aborted(self, header.tag, bytes(payload).decode("utf-8", "replace"))
         elif kind is not FrameType.HEARTBEAT:
             raise ProtocolError(f"unexpected {kind.name} frame after the handshake")
 

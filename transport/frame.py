@@ -26,7 +26,7 @@ HEADER_SIZE = HEADER.size  # 48
 MAX_CONTROL_PAYLOAD = 16 * 1024 * 1024
 #: Largest payload of one DATA frame; a link splits bigger stripes into several frames.
 MAX_DATA_PAYLOAD = 64 * 1024 * 1024
-#: Largest payload of a handshake (HELLO/CHALLENGE/AUTH/ACCEPT/REJECT) or CLOSE frame.
+#: Largest payload of a handshake (HELLO/CHALLENGE/AUTH/ACCEPT/REJECT), CLOSE or ABORT_TAG frame.
 MAX_HANDSHAKE_PAYLOAD = 4096
 
 _U64_MAX = (1 << 64) - 1
@@ -44,6 +44,7 @@ class FrameType(enum.IntEnum):
     DATA = 7
     HEARTBEAT = 8
     CLOSE = 9
+    ABORT_TAG = 10
 
 
 class FrameFlags(enum.IntFlag):
@@ -78,8 +79,9 @@ class FrameHeader:
     """One decoded frame header.
 
     ``tag``/``seq``/``offset``/``total`` are meaningful for DATA frames (the
-    transfer, this frame's byte offset in it, and the transfer's full size); the
-    other frame types carry zeros there.
+    transfer, this frame's byte offset in it, and the transfer's full size);
+    ABORT_TAG carries the aborted ``tag`` only; the other frame types carry
+    zeros there.
     """
 
     type: FrameType
@@ -162,6 +164,6 @@ def unpack_header(buf: bytes | bytearray | memoryview, *, check_version: bool = 
             raise ProtocolError(
                 f"DATA frame [{offset}, {offset}+{length}) lies outside its {total}-byte transfer"
             )
-    elif tag or seq or offset or total:
+    elif seq or offset or total or (tag and frame_type is not FrameType.ABORT_TAG):
         raise ProtocolError(f"{frame_type.name} frame has non-zero transfer fields")
     return FrameHeader(frame_type, flags, tag, seq, offset, total, length, version)

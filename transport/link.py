@@ -4,7 +4,8 @@ One transfer — a ``(tag, seq)`` pair and one buffer — is cut into up to N
 contiguous stripes sent concurrently, one per connection, each as DATA frames
 carrying their byte offset; the receiver writes every frame straight into the
 posted buffer (``docs/protocol.md`` §4). If any connection breaks, the whole
-link aborts on both ends.
+link aborts on both ends; an operation abandoned on one end can be aborted on
+both ends without touching the rest of the link (ABORT_TAG, §4).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ DEFAULT_FRAME_SIZE = 4 * 1024 * 1024
 MIN_STRIPE = 64 * 1024
 #: Bytes of early data (arrived before its receive was posted) held per link (§4).
 DEFAULT_SIDE_BUFFER_LIMIT = 1 << 30
+#: Longest reason an ABORT_TAG frame carries (UTF-8 bytes); longer ones lose their middle (§4).
+MAX_ABORT_REASON = 1024
 _U64_MAX = (1 << 64) - 1
 
 
@@ -65,6 +68,20 @@ class _Transfer:
 def _check_key(tag: int, seq: int) -> None:
     if not (0 <= tag <= _U64_MAX and 0 <= seq <= _U64_MAX):
         raise InvalidUsageError(f"tag and seq must be unsigned 64-bit integers, got {tag}, {seq}")
+
+
+def _shorten(reason: str, limit: int = MAX_ABORT_REASON) -> bytes:
+    """``reason`` as UTF-8 of at most ``limit`` bytes, keeping its start and its end.
+
+    A failure relayed around a ring nests one reason in the next: the start names the
+    latest hop, the end the original cause, so the middle is what goes.
+    """
+    data = reason.encode("utf-8")
+    if len(data) <= limit:
+        return data
+    head = limit // 4
+    tail = limit - head - 3
+    return (data[:head].decode("utf-8", "ignore") + "…" + data[-tail:].decode("utf-8", "ignore")).encode("utf-8")
 
 
 def _view(buffer: Any, *, writable: bool) -> memoryview:
@@ -115,6 +132,7 @@ class Link:
         self._transfers: dict[tuple[int, int], _Transfer] = {}
         self._inflight: dict[Connection, tuple[_Transfer, bytearray | None]] = {}
         self._forgotten: set[int] = set()
+        self._peer_aborted: dict[int, str] = {}  # tags the peer aborted (ABORT_TAG), with its reason
         self._held_bytes = 0
         self._paused: set[Connection] = set()
         self._error: PeerLostError | None = None
@@ -166,16 +184,15 @@ class Link:
         ``buffer``. If cancelled, frames already queued may still reference it.
 
         Raises:
-            PeerLostError: the link aborted (a connection broke), or ``tag`` was
-                forgotten while sending.
+            PeerLostError: the link aborted (a connection broke), ``tag`` was
+                forgotten while sending, or the peer aborted ``tag``.
             InvalidUsageError: bad tag/seq, not a contiguous bytes-like buffer, or
-                ``tag`` was forgotten before the call.
+                ``tag`` was forgotten here before the call.
         """
         _check_key(tag, seq)
         view = _view(buffer, writable=False)
         self._raise_if_closed()
-        if tag in self._forgotten:
-            raise InvalidUsageError(f"tag {tag} was forgotten on this link; use a fresh tag")
+        self._raise_if_forgotten(tag, seq)
         total = len(view)
         count = len(self.connections)
         stripes = max(1, min(count, -(-total // MIN_STRIPE)))
@@ -205,7 +222,7 @@ class Link:
             if self._error is not None:
                 raise self._lost()
             if tag in self._forgotten:
-                raise PeerLostError(f"transfer {tag}/{seq} to peer {self.peer_id!r} was forgotten")
+                raise self._tag_gone(tag, seq)
             header = pack_header(FrameType.DATA, size, tag=tag, seq=seq, offset=offset, total=total)
             conn.write_frame(header, view[offset : offset + size])
             self.tx_bytes += size
@@ -224,16 +241,16 @@ class Link:
         no longer written.
 
         Raises:
-            PeerLostError: the link aborted, or ``tag`` was forgotten meanwhile.
+            PeerLostError: the link aborted, ``tag`` was forgotten meanwhile, or the
+                peer aborted ``tag``.
             ProtocolError: the sender's transfer size differs from ``len(buffer)``.
             InvalidUsageError: bad tag/seq, non-writable buffer, a receive for
-                ``(tag, seq)`` is already posted, or ``tag`` was forgotten.
+                ``(tag, seq)`` is already posted, or ``tag`` was forgotten here.
         """
         _check_key(tag, seq)
         view = _view(buffer, writable=True)
         self._raise_if_closed()
-        if tag in self._forgotten:
-            raise InvalidUsageError(f"tag {tag} was forgotten on this link; use a fresh tag")
+        self._raise_if_forgotten(tag, seq)
         key = (tag, seq)
         transfer = self._transfers.get(key)
         if transfer is None:
@@ -356,22 +373,74 @@ class Link:
                 conn.discard_current(*key)
                 del self._inflight[conn]
 
+    def _raise_if_forgotten(self, tag: int, seq: int) -> None:
+        if tag in self._peer_aborted:  # the remote side's doing: the operation may be retried
+            raise self._tag_gone(tag, seq)
+        if tag in self._forgotten:
+            raise InvalidUsageError(f"tag {tag} was forgotten on this link; use a fresh tag")
+
+    def _tag_gone(self, tag: int, seq: int) -> PeerLostError:
+        reason = self._peer_aborted.get(tag)
+        if reason is None:
+            return PeerLostError(f"transfer {tag}/{seq} with peer {self.peer_id!r} was forgotten")
+        return PeerLostError(f"transfer {tag}/{seq}: peer {self.peer_id!r} aborted tag {tag}: {reason}")
+
     def forget(self, tag: int) -> None:
         """Drop everything of ``tag`` and refuse its late frames from now on.
 
         Pending receives of ``tag`` fail with PeerLostError; sends of it stop
         before their next frame. A forgotten tag stays refused on this link:
-        use a fresh tag for every operation. Raises nothing; safe to call from
-        any thread (it is then scheduled).
+        use a fresh tag for every operation. The peer is not told (after a
+        success it may still be receiving): use :meth:`abort_tag` on failure.
+        Raises nothing; safe to call from any thread (it is then scheduled).
         """
         if not on_loop(self._loop):
             self._loop.call_soon_threadsafe(self.forget, tag)
             return
+        self._forget(tag, lambda key: PeerLostError(f"transfer {key[0]}/{key[1]} was forgotten"))
+
+    def abort_tag(self, tag: int, reason: str) -> None:
+        """Forget ``tag`` (see :meth:`forget`) and tell the peer to do the same (ABORT_TAG, §4).
+
+        For an operation that failed or was cancelled, never after a success:
+        the peer's pending and later sends and receives of ``tag`` then fail with
+        PeerLostError naming ``tag`` and ``reason``. Nothing is sent when the tag
+        was aborted by the peer or the link is down. Safe to call from any thread
+        (it is then scheduled).
+
+        Raises:
+            InvalidUsageError: ``tag`` is not an unsigned 64-bit integer.
+        """
+        _check_key(tag, 0)
+        if not on_loop(self._loop):
+            self._loop.call_soon_threadsafe(self.abort_tag, tag, reason)
+            return
+        self._forget(tag, lambda key: PeerLostError(f"transfer {key[0]}/{key[1]} was aborted: {reason}"))
+        if tag in self._peer_aborted or self._error is not None:
+            return
+        payload = _shorten(reason)
+        header = pack_header(FrameType.ABORT_TAG, len(payload), tag=tag)
+        # On every connection: the first to arrive wins, however much data queues on the others.
+        for conn in self.connections:
+            try:
+                conn.write_frame(header, payload)
+            except PeerLostError:
+                return  # the link is failing: the peer learns of that instead
+
+    def tag_aborted(self, conn: Connection, tag: int, reason: str) -> None:
+        """DataSink: the peer aborted ``tag`` (§4); forget it here, failing its transfers."""
+        if tag in self._forgotten:
+            return  # ended here already (or a copy of the same frame on another connection)
+        log.debug("peer %r aborted tag %d on link %#x: %s", self.peer_id, tag, self.link_id, reason)
+        self._peer_aborted[tag] = reason
+        self._forget(tag, lambda key: self._tag_gone(*key))
+
+    def _forget(self, tag: int, error: Callable[[tuple[int, int]], Exception]) -> None:
         self._forgotten.add(tag)
         for key in [k for k in self._transfers if k[0] == tag]:
             transfer = self._transfers.pop(key)
             self._drop_held(transfer)
-            self._fail_receive(key, transfer, PeerLostError(f"transfer {key[0]}/{key[1]} was forgotten"))
+            self._fail_receive(key, transfer, error(key))
 
     # --- control messages (§3) ----------------------------------------------------------
 

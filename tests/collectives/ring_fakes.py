@@ -4,10 +4,11 @@ Transfers are matched by (link, tag, seq) exactly as a Link does: data sent befo
 posted is held (one copy) until it is; a size mismatch raises ProtocolError. A seeded RNG adds
 random yields so that tasks interleave differently from run to run of the same seed.
 
-``forget(tag)`` always acts locally like ``Link.forget`` (held data dropped, late frames ignored,
-this rank's own transfers of the tag refused). With ``propagate=True`` it also tells both
-neighbours, whose transfers of the tag then fail with PeerLostError: the optional part of the
-RingPeers contract that lets a failure travel around the ring.
+``forget(tag)`` acts locally like ``Link.forget`` (held data dropped, late frames ignored).
+``abort(tag, reason)`` does the same and, like ``Link.abort_tag``, tells both neighbours, whose
+transfers of the tag then fail with PeerLostError naming the reason: that is what lets a failure
+travel around the ring. ``propagate=False`` models neighbours that are never told (``abort`` then
+acts like ``forget``), to show what the executor does without it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class FakeRing:
         self.jitter = jitter
         self.sends = 0
         self.fail_after: int | None = None  # abort link 0 when this many sends happened
+        self.aborts: list[tuple[int, int, str]] = []  # (rank, tag, reason) of every abort(tag)
 
     def peers(self, rank: int) -> "FakePeers":
         return FakePeers(self, rank)
@@ -131,14 +133,22 @@ class FakePeers:
     def forget(self, tag: int) -> None:
         ring = self.ring
         incoming = ring.links[(self.rank - 1) % ring.world_size]
-        outgoing = ring.links[self.rank]
         incoming.forgotten.add(tag)
         for key in [k for k in incoming.held if k[0] == tag]:
             del incoming.held[key]
-        boxes = [incoming, outgoing] if ring.propagate else []
-        for box in boxes:
+        for key in [k for k in incoming.posted if k[0] == tag]:
+            _, fut = incoming.posted.pop(key)
+            if not fut.done():
+                fut.set_exception(PeerLostError(f"transfer {key} was forgotten"))
+
+    def abort(self, tag: int, reason: str) -> None:
+        self.ring.aborts.append((self.rank, tag, reason))
+        self.forget(tag)
+        if not self.ring.propagate:
+            return
+        for box in (self.ring.links[(self.rank - 1) % self.ring.world_size], self.ring.links[self.rank]):
             box.refused.add(tag)
             for key in [k for k in box.posted if k[0] == tag]:
                 _, fut = box.posted.pop(key)
                 if not fut.done():
-                    fut.set_exception(PeerLostError(f"transfer {key} was forgotten by a neighbour"))
+                    fut.set_exception(PeerLostError(f"transfer {key}: a neighbour aborted tag {tag}: {reason}"))

@@ -33,6 +33,7 @@ def _run(world: int, make: Callable[[FakeRing, int], Coroutine[Any, Any, Any]], 
 
     results = asyncio.run(main())
     assert ring.leftovers() == []  # every transfer sent was received, nothing left posted
+    assert ring.aborts == []  # a success never tells the neighbours to abort
     return results, ring
 
 
@@ -340,8 +341,10 @@ def test_a_broken_link_fails_every_rank_and_leaves_src_alone(fail_after: int, qu
         return await asyncio.wait_for(asyncio.gather(*(one(r) for r in range(world)), return_exceptions=True), 10)
 
     results = asyncio.run(main())
-    # Ranks 0 and 1 see the broken link; forget(tag) carries the failure on to ranks 2 and 3.
+    # Ranks 0 and 1 see the broken link; abort(tag) carries the failure on to ranks 2 and 3.
     assert all(isinstance(res, PeerLostError) for res in results), results
+    assert sorted(rank for rank, _tag, _reason in ring.aborts) == list(range(world))
+    assert all(tag == 1 and reason.startswith(f"rank {rank}: PeerLostError: ") for rank, tag, reason in ring.aborts)
     for s, x in zip(srcs, xs):
         assert torch.equal(s, x)
     for box in ring.links:
@@ -388,6 +391,7 @@ def test_cancelling_the_caller_withdraws_every_transfer() -> None:
     asyncio.run(main())
     assert all(not box.posted for box in ring.links)
     assert 4 in ring.links[2].forgotten  # forget(tag) reached the link we receive from
+    assert ring.aborts == [(0, 4, "rank 0: cancelled")]  # and the neighbours were told
 
 
 @pytest.mark.parametrize(

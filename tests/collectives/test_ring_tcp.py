@@ -141,6 +141,9 @@ class _DiesAfter:
     def forget(self, tag: int) -> None:
         self.inner.forget(tag)
 
+    def abort(self, tag: int, reason: str) -> None:
+        self.inner.abort(tag, reason)
+
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("world,victim", [(3, 1), (2, 0)])
@@ -165,12 +168,6 @@ def test_a_dying_peer_fails_every_rank_without_hanging(world: int, victim: int, 
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="Link.forget(tag) does not yet tell the peer, so a rank away from the broken link "
-    "waits until its caller cancels it (docs/architecture.md, collectives.engine.RingPeers)",
-)
 def test_one_broken_link_fails_every_rank_of_a_ring_of_three() -> None:
     world, n = 3, (8 << 20) // 4
     xs = [torch.ones(n) for _ in range(world)]
@@ -190,3 +187,4 @@ def test_one_broken_link_fails_every_rank_of_a_ring_of_three() -> None:
 
     results = _run(world, 2, body)
     assert all(isinstance(res, PeerLostError) for res in results), results
+    assert "aborted tag 1" in str(results[2])  # rank 2 is on no broken link: a neighbour told it

@@ -66,7 +66,7 @@ def test_every_frame_type_round_trips(frame_type: FrameType) -> None:
         (raw_header(6, 0, magic=b"XX"), "magic"),
         (raw_header(6, 0, version=PROTOCOL_VERSION + 1), f"peer speaks {PROTOCOL_VERSION + 1}"),
         (raw_header(0, 0), "unknown frame type 0"),
-        (raw_header(10, 0), "unknown frame type 10"),
+        (raw_header(11, 0), "unknown frame type 11"),
         (raw_header(6, 0, flags=2), "unknown frame flags"),
         (raw_header(7, 0, flags=1), "may not be compressed"),
         (raw_header(6, 0, reserved=1), "reserved"),
@@ -79,11 +79,21 @@ def test_every_frame_type_round_trips(frame_type: FrameType) -> None:
         (raw_header(7, 1, offset=U64, total=10), "outside"),
         (raw_header(6, 0, tag=1), "non-zero transfer fields"),
         (raw_header(8, 0, total=1), "non-zero transfer fields"),
+        (raw_header(9, 0, tag=1), "non-zero transfer fields"),
+        (raw_header(10, 0, tag=1, seq=1), "non-zero transfer fields"),
+        (raw_header(10, 0, tag=1, total=1), "non-zero transfer fields"),
+        (raw_header(10, MAX_HANDSHAKE_PAYLOAD + 1, tag=1), "exceeds"),
     ],
 )
 def test_bad_headers_raise_protocol_error(data: bytes, needle: str) -> None:
     with pytest.raises(ProtocolError, match=needle):
         unpack_header(data)
+
+
+def test_abort_tag_frame_carries_its_tag_only() -> None:
+    header = unpack_header(raw_header(10, 7, tag=U64))
+    assert (header.type, header.tag, header.seq, header.offset, header.total, header.length) == (
+        FrameType.ABORT_TAG, U64, 0, 0, 0, 7)
 
 
 def test_version_is_readable_without_enforcing_it() -> None:
@@ -159,6 +169,7 @@ STREAM = (
     + frame(FrameType.DATA, b"abcdef", tag=3, seq=1, offset=10, total=16)
     + frame(FrameType.DATA, b"", tag=4, seq=0, offset=0, total=0)
     + frame(FrameType.DATA, b"0123456789", tag=3, seq=1, offset=0, total=16)
+    + frame(FrameType.ABORT_TAG, b"gave up", tag=3)
     + frame(FrameType.CLOSE, "bye ✓".encode())
 )
 EXPECTED = [
@@ -167,6 +178,7 @@ EXPECTED = [
     ("DATA", (3, 10, 6)),
     ("DATA", (4, 0, 0)),
     ("DATA", (3, 0, 10)),
+    ("ABORT_TAG", b"gave up"),
     ("CLOSE", "bye ✓".encode()),
 ]
 
@@ -284,7 +296,7 @@ _plausible_frame = st.builds(
 )
 _small_header = st.builds(
     lambda t, tag, off, n, total, payload: raw_header(t, n, tag=tag, offset=off, total=total) + payload,
-    st.integers(1, 9), st.integers(0, 3), st.integers(0, 40), st.integers(0, 40), st.integers(0, 80),
+    st.integers(1, 10), st.integers(0, 3), st.integers(0, 40), st.integers(0, 40), st.integers(0, 80),
     st.binary(max_size=50),
 )
 
