@@ -2,9 +2,11 @@
 
 Each Communicator owns one background event-loop thread
 (:class:`transport.loop.LoopThread`); every blocking call runs a coroutine of its
-:class:`~pccl.peer_session.PeerSession` there and waits for it. Collectives are built
-on :meth:`Communicator._run_collective` (async) and
-:meth:`Communicator._collective_blocking`.
+:class:`~pccl.peer_session.PeerSession` there and waits for it. The collectives
+(``all_reduce``, ``all_reduce_async``, ``all_reduce_multiple_with_retry``,
+``reduce_scatter``, ``all_gather``, ``broadcast``) come from
+:class:`pccl.collective_api.CollectivesMixin`; they and other collectives are built on
+:meth:`Communicator._run_collective` (async) and :meth:`Communicator._collective_blocking`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 from pccl import protocol as P
+from pccl.collective_api import CollectivesMixin
 from pccl.errors import InvalidUsageError
 from pccl.master import DEFAULT_PORT
 from pccl.peer_session import CollectiveContext, PeerSession, Settings
@@ -68,7 +71,7 @@ def _default_p2p_host(master_host: str) -> str:
     return "::" if addr.version == 6 else "0.0.0.0"
 
 
-class Communicator:
+class Communicator(CollectivesMixin):
     """One peer of a pccl run.
 
     ``master``: ``"host:port"`` of the master. ``peer_group``: collectives and shared
@@ -112,6 +115,7 @@ class Communicator:
         self._connected = False
         self._closed = False
         self._connect_error: str | None = None
+        self._init_collectives()
 
     # -- attributes -------------------------------------------------------------------
 
@@ -199,6 +203,7 @@ class Communicator:
             thread.stop()
         except Exception as exc:
             log.warning("stopping the communicator's loop: %r", exc)
+        self._release_collectives()
 
     def __enter__(self) -> Communicator:
         return self

@@ -27,10 +27,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 class PeerProcess:
     """One peer process; :meth:`call` sends a command and waits for its JSON reply."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], script: Path = PEER_SCRIPT) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(
-            [sys.executable, str(PEER_SCRIPT), *args],
+            [sys.executable, str(script), *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, env=env, cwd=str(REPO_ROOT),
         )
