@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench-transport clean
+.PHONY: venv test demo clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m mypy transport collectives pccl training stress
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

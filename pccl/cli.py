@@ -16,11 +16,15 @@ from typing import Sequence
 # name -> (module, one-line help). Benchmarks are grouped under ``pccl bench``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "master": ("pccl.master_cli", "run a membership master"),
+    # The demo is the DiLoCo training job; it lives in training/ (the layer above
+    # pccl), so it is looked up by name here, never imported by pccl itself.
+    "demo": ("training.demo", "train a tiny GPT with DiLoCo on local peers, with churn"),
 }
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "transport": ("pccl.bench.transport", "striped TCP transfer vs a plain socket"),
     "shared-state": ("pccl.bench.shared_state", "shared-state hash throughput and catch-up of a fresh peer"),
     "membership": ("pccl.bench.membership", "join latency and SIGKILL/SIGSTOP detection latency"),
+    "allreduce": ("pccl.bench.allreduce", "all-reduce bus bandwidth against torch.distributed Gloo"),
 }
 
 
