@@ -35,7 +35,7 @@ DEFAULT_CONNECTIONS = 4
 #: Python work is noise, small enough that transfers interleave (§4).
 DEFAULT_FRAME_SIZE = 4 * 1024 * 1024
 #: Transfers smaller than this per stripe use fewer connections (§4).
-MIN_STRIPE = 64 * 1024
+MIN_STRIPE = 256 * 1024
 #: Bytes of early data (arrived before its receive was posted) held per link (§4).
 DEFAULT_SIDE_BUFFER_LIMIT = 1 << 30
 #: Longest reason an ABORT_TAG frame carries (UTF-8 bytes); longer ones lose their middle (§4).
