@@ -16,11 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from training.diloco import DiLoCo, RoundInfo
+    from training.zo import ZerothOrder
 
-__all__ = ["DiLoCo", "RoundInfo"]
+__all__ = ["DiLoCo", "RoundInfo", "ZerothOrder"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "ZerothOrder":
+        from training import zo
+
+        return zo.ZerothOrder
     if name in __all__:
         from training import diloco
 
