@@ -162,6 +162,9 @@ class GroupState:
     collectives: dict[int, "colls.CollectiveRound"] = field(default_factory=dict)
     sync: "votes.SyncRound | None" = None
     last_revision: int | None = None
+    # Live members that hold ``last_revision`` (the peers of the sync that set it). When
+    # the last of them is gone nobody vouches for it any more and it is forgotten (§5.9).
+    holders: set[int] = field(default_factory=set)
 
     def links_ready(self) -> bool:
         """Every member reported its links ready for the current epoch."""

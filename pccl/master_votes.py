@@ -117,7 +117,10 @@ def on_link_failure(state: MasterState, pair: tuple[int, int], reason: str) -> N
 
 
 def on_peer_removed(state: MasterState, peer: int, group: GroupState) -> None:
-    """Forget ``peer`` in every round; :func:`progress_membership` re-evaluates them."""
+    """Forget ``peer`` in every round and as a holder of its group's revision.
+
+    :func:`progress_membership` and :func:`progress_sync` re-evaluate the rounds.
+    """
     rnd = state.round
     if rnd is not None:
         rnd.voters.discard(peer)
@@ -128,6 +131,14 @@ def on_peer_removed(state: MasterState, peer: int, group: GroupState) -> None:
         sync.reports.pop(peer, None)
         sync.plans.discard(peer)
         sync.done.pop(peer, None)
+    group.holders.discard(peer)
+    if not group.holders and group.last_revision is not None:
+        # No member holds the group's revision any more (the group emptied, or only
+        # peers that never synced are left): the next sync is a first sync again, so
+        # a newcomer may resume at any revision instead of being judged against the
+        # revision of peers that are gone (§5.9).
+        state.log("revision_forgotten", group=group.id, revision=group.last_revision)
+        group.last_revision = None
 
 
 def progress_membership(state: MasterState) -> bool:
@@ -246,7 +257,9 @@ def progress_sync(state: MasterState, group: GroupState) -> bool:
     for peer in sorted(sync.plans):
         state.send(peer, P.SyncResult(sync.sync_id, ok, sync.revision, reason))
     if ok:
-        group.last_revision = sync.revision
+        # Everyone still planned holds the new revision; with nobody left, nobody does.
+        group.holders = set(sync.plans)
+        group.last_revision = sync.revision if group.holders else None
     state.log("sync_resolved", group=group.id, revision=sync.revision, ok=ok, reason=reason)
     group.sync = None
     return True

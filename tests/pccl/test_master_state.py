@@ -403,3 +403,61 @@ def test_failing_election_fails_the_round_instead_of_the_master() -> None:
     result = h.take(a, P.SyncResult)[0]
     assert not result.ok and "election failed" in result.reason
     assert h.state.groups[0].sync is None
+
+
+def _sync_alone(h: Harness, peer: int, revision: int) -> P.SyncResult:
+    """``peer``, its group's only member, syncs at ``revision``; the result it gets."""
+    h.send(peer, _report(revision, b"\x01" * 16))
+    plan = h.take(peer, P.SyncPlan)
+    assert plan, h.kicks.get(peer)
+    h.send(peer, P.SyncDone(plan[0].sync_id, True))
+    result: P.SyncResult = h.take(peer, P.SyncResult)[0]
+    return result
+
+
+@pytest.mark.parametrize("revision", [2, 100])
+def test_newcomer_to_an_emptied_group_makes_a_first_sync(revision: int) -> None:
+    h = Harness()
+    a = h.run_of(1)[0]
+    assert _sync_alone(h, a, 5).revision == 5
+    h.feed(PeerLost(a, "connection reset"))
+    b = h.register(0)
+    h.ready_all()
+    assert h.state.accepted() == [b]
+    result = _sync_alone(h, b, revision)  # e.g. resuming from a checkpoint
+    assert result.ok and result.revision == revision and not h.kicks
+    assert h.state.groups[0].last_revision == revision
+
+
+@pytest.mark.parametrize("revision", [2, 100])
+def test_joiner_whose_group_lost_every_synced_member_makes_a_first_sync(revision: int) -> None:
+    h = Harness()
+    a = h.run_of(1)[0]
+    assert _sync_alone(h, a, 5).revision == 5
+    b = h.register(0)
+    h.send(a, P.Vote(P.UPDATE_TOPOLOGY))  # b is accepted while a still holds revision 5 ...
+    h.ready_all()
+    assert h.take(b, P.Accepted)
+    h.feed(PeerLost(a, "connection reset"))  # ... then a dies before b ever synced
+    h.ready_all()
+    result = _sync_alone(h, b, revision)
+    assert result.ok and result.revision == revision and not h.kicks
+
+
+def test_revision_rule_holds_while_one_synced_member_is_left() -> None:
+    h = Harness()
+    a, b = h.run_of(2)
+    for p in (a, b):
+        h.send(p, _report(5, b"\x01" * 16))
+    for p in (a, b):
+        h.send(p, P.SyncDone(h.take(p, P.SyncPlan)[0].sync_id, True))
+    c = h.register(0)
+    h.send(a, P.Vote(P.UPDATE_TOPOLOGY))
+    h.send(b, P.Vote(P.UPDATE_TOPOLOGY))
+    h.ready_all()
+    h.feed(PeerLost(a, "connection reset"))
+    h.ready_all()
+    assert h.state.groups[0].last_revision == 5  # b still holds it
+    h.send(b, _report(6, b"\x01" * 16))
+    h.send(c, _report(9, b"\x01" * 16))
+    assert c in h.kicks and "revision" in h.kicks[c].reason

@@ -100,6 +100,10 @@ class MasterMachine(RuleBasedStateMachine):
         elif isinstance(action, Kick):
             assert action.reason, "every kick carries a reason"
             assert action.error in P.ERROR_KINDS
+            # Every simulated peer reports its own revision + 1, so a round can only lack a
+            # holder of the target revision if the master judged a newcomer against the
+            # revision of members that are gone (§5.9).
+            assert "holds the expected shared-state revision" not in action.reason, action
             self.kick_actions.append(action)
             self.by_id[action.peer].gone = f"kicked: {action.reason}"
         elif isinstance(action, Send):
@@ -364,6 +368,14 @@ class MasterMachine(RuleBasedStateMachine):
                     assert set(group.ring) - set(coll.descriptors) or not group.links_ready()
             if group.sync is not None and not group.sync.fetching:
                 assert set(group.ring) - set(group.sync.reports)
+
+    @invariant()
+    def revision_is_held_by_a_live_member(self) -> None:
+        for group in self.state.groups.values():
+            assert group.holders <= set(group.ring)
+            # Once no member holds it, the group's revision is forgotten: the next sync is
+            # a first sync, at whatever revision the members bring (§5.9).
+            assert (group.last_revision is None) == (not group.holders)
 
     @invariant()
     def no_wait_cycles(self) -> None:

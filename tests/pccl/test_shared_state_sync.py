@@ -589,6 +589,28 @@ def test_checkpoint_resume_after_master_restart(spawn: Any, tmp_path: Path) -> N
         assert out[0]["digests"] == out[1]["digests"] == saved and out[1]["revision"] == 6
 
 
+@pytest.mark.timeout(120)
+def test_group_that_lost_every_synced_peer_lets_newcomers_resume_at_any_revision(
+    master: Any, spawn: Any
+) -> None:
+    a, b = spawn(master, 2)
+    a.call("state", spec=SPEC, seed=1, revision=5)
+    join([a], 1)
+    assert results(sync_all([a]))[0]["revision"] == 5
+    own = b.call("state", spec=SPEC, seed=2, revision=2)  # resumes from an older checkpoint
+    join([a, b], 2)  # b is accepted while a holds revision 5 ...
+    a.kill()  # ... and a dies before b ever synced: nobody holds revision 5 any more
+    (rb,) = results(sync_all([b]))
+    assert rb["revision"] == 2 and rb["rx"] == 0 and rb["digests"] == own
+    # The group empties (b leaves) and b joins again as a newcomer from a later checkpoint.
+    b.call("reset", master=master.address, group=0)
+    own = b.call("state", spec=SPEC, seed=3, revision=100)
+    join([b], 1)
+    (rb,) = results(sync_all([b]))
+    assert rb["revision"] == 100 and rb["rx"] == 0 and rb["digests"] == own
+    assert not master.status()["kicks"]
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO_ROOT))
     peer_main()
