@@ -4,35 +4,27 @@ Receiving goes through an ``asyncio.BufferedProtocol`` driving a
 :class:`~transport.reader.FrameReader`, so DATA payloads land straight in their
 destination buffers (``docs/protocol.md`` §2, §4). Sending writes header and
 payload as one ``writelines`` call with write-buffer limits of zero, so a send
-that returned means the kernel holds the bytes (DESIGN §5, trap 1).
+that returned means the kernel holds the bytes (DESIGN §5, trap 1). An encrypting
+connection seals every frame after the handshake with AES-GCM (§2.1,
+:mod:`transport.crypto`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from transport.crypto import Opener, Sealer, session_ciphers
 from transport.errors import AuthenticationError, PeerLostError, PeerUnreachableError, ProtocolError
 from transport.frame import (
-    HANDSHAKE_TYPES,
-    MAX_HANDSHAKE_PAYLOAD,
-    PROTOCOL_VERSION,
-    FrameFlags,
-    FrameHeader,
-    FrameType,
-    pack_header,
+    HANDSHAKE_TYPES, MAX_HANDSHAKE_PAYLOAD, PROTOCOL_VERSION, FrameFlags, FrameHeader, FrameType, pack_header,
 )
-from transport.handshake import (
-    Hello,
-    HandshakeResult,
-    PeerId,
-    SessionKeys,
-    client_handshake,
-)
+from transport.handshake import Hello, HandshakeResult, PeerId, SessionKeys, check_encrypt, client_handshake
 from transport.inbox import Inbox
 from transport.loop import on_loop
 from transport.message import Message, decode, encode_payload
@@ -47,13 +39,13 @@ log = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: A graceful close() waits this long for queued bytes to flush, then aborts.
 CLOSE_GRACE = 5.0
+#: ABORT_TAG notices a link connection keeps until its Link is built (more: a protocol error).
+MAX_EARLY_ABORTS = 64
 #: While reading is paused, the socket's TCP state is checked this often (s).
 PAUSED_PROBE_INTERVAL = 0.1
 
 CloseCallback = Callable[["Connection", PeerLostError], None]
-_OPEN_TYPES = frozenset(
-    {FrameType.CONTROL, FrameType.DATA, FrameType.HEARTBEAT, FrameType.CLOSE, FrameType.ABORT_TAG}
-)
+_OPEN_TYPES = frozenset({FrameType.CONTROL, FrameType.DATA, FrameType.HEARTBEAT, FrameType.CLOSE, FrameType.ABORT_TAG})
 
 
 class DataSink(Protocol):
@@ -105,6 +97,7 @@ class Connection:
             the connecting end, the peer's on the accepting end).
         peer_role / peer_id: what the other end declared.
         session_keys: per-connection key material from the handshake.
+        encrypted: whether frames after the handshake are sealed with AES-GCM (§2.1).
         last_received: loop time (monotonic) when bytes last arrived, heartbeats included.
         tx_bytes / rx_bytes: bytes written to / read from the socket, headers included.
         sink / inbox: where DATA frames and control messages go (a link rewires them).
@@ -135,10 +128,16 @@ class Connection:
         self.on_made: Callable[[Connection], None] | None = None
         self.inbox = Inbox(loop)
         self.sink: DataSink | None = None
+        # A connecting link connection whose Link is not built yet keeps ABORT_TAG notices
+        # here for it (None: such a frame without a sink is a protocol error), §4.
+        self.early_aborts: list[tuple[int, str]] | None = None
         self.hello: Hello | None = None
         self.peer_role: str | None = None
         self.peer_id: PeerId = None
         self.session_keys: SessionKeys | None = None
+        self.encrypted = False
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None  # armed by the handshake, engaged when traffic opens
         self.peer_address: Any = None
         self.last_received = loop.time()
         self.tx_bytes = 0
@@ -256,9 +255,15 @@ class Connection:
         elif kind is FrameType.CONTROL:
             self.inbox.put(decode(payload, header.compressed), self)
         elif kind is FrameType.ABORT_TAG:
-            if self.sink is None:
+            reason = bytes(payload).decode("utf-8", "replace")
+            if self.sink is not None:
+                self.sink.tag_aborted(self, header.tag, reason)
+            elif self.early_aborts is not None and len(self.early_aborts) < MAX_EARLY_ABORTS:
+                # The accepting side may use the link as soon as it assembled it, before
+                # connect_link built the Link of this connection: keep it for the Link.
+                self.early_aborts.append((header.tag, reason))
+            else:
                 raise ProtocolError("ABORT_TAG frame on a connection that carries no transfers")
-            self.sink.tag_aborted(self, header.tag, bytes(payload).decode("utf-8", "replace"))
         elif kind is not FrameType.HEARTBEAT:
             raise ProtocolError(f"unexpected {kind.name} frame after the handshake")
 
@@ -302,10 +307,20 @@ class Connection:
         if self._handshake_waiter is not None and not self._handshake_waiter.done():
             self._handshake_waiter.set_result(None)
 
+    def start_encryption(self, keys: SessionKeys) -> None:
+        """Handshake channel: seal from now on; open the peer's frames once traffic opens (§2.1)."""
+        self._sealer, self._opener = session_ciphers(keys.client_to_server, keys.server_to_client,
+                                                     is_client=self.is_client)
+        self.encrypted = True
+        if not self.is_client:
+            self._open_for_traffic()  # the client's AUTH was its last frame in clear
+
     def _open_for_traffic(self) -> None:
         self._open = True
         self._reader.check_version = True
         self._reader.accept = _OPEN_TYPES
+        if self._opener is not None and not self._reader.decrypting:
+            self._reader.decrypt_with(self._opener)
 
     def _complete(self, result: HandshakeResult) -> None:
         self.hello = result.hello
@@ -329,7 +344,17 @@ class Connection:
             raise self.lost_error()
         if self._transport.is_closing():  # failing: the loop would drop the bytes silently
             raise PeerLostError(f"connection to {self.describe()} is failing")
-        if payload is not None and len(payload):
+        if self._sealer is not None:
+            if not self._transport.get_write_buffer_size():
+                self._sealer.recycle()  # the kernel has every frame sealed before
+            try:
+                sealed = self._sealer.seal(header, payload)
+            except ProtocolError as exc:  # nonce space used up: never reuse a nonce (§2.1)
+                self.abort(str(exc), exc)
+                raise self.lost_error() from exc
+            self._transport.write(sealed)
+            self.tx_bytes += len(sealed)
+        elif payload is not None and len(payload):
             self._transport.writelines([header, payload])
             self.tx_bytes += len(header) + len(payload)
         else:
@@ -459,7 +484,8 @@ class Connection:
         transport = self._transport
         if self._lost_reason is None and self._open and transport is not None and not transport.is_closing():
             data = reason.encode("utf-8")[:MAX_HANDSHAKE_PAYLOAD]
-            transport.write(pack_header(FrameType.CLOSE, len(data)) + data)
+            with contextlib.suppress(PeerLostError):  # could not say why; the close still happens
+                self.write_frame(pack_header(FrameType.CLOSE, len(data)), data)
         self._mark_lost(f"closed locally{': ' + reason if reason else ''}", drop_inbox=True)
         self._close_transport()
 
@@ -526,21 +552,28 @@ async def open_connection(
     link_id: int | None = None,
     index: int = 0,
     pool_size: int = 1,
+    encrypt: bool = False,
 ) -> Connection:
     """Connect to ``host:port`` and run the handshake (§1) within ``timeout`` seconds.
 
     ``peer_id`` is this side's identity (an int or a short string; None when
     anonymous); ``link_id``/``index``/``pool_size`` place the connection in a link's pool.
+    ``encrypt``: seal every frame after the handshake with AES-GCM (§2.1); needs
+    ``secret``, and the server must encrypt too.
 
     Raises:
         PeerUnreachableError: could not connect, or the handshake timed out.
-        AuthenticationError: refused by the server, wrong/missing secret, version mismatch.
+        AuthenticationError: refused by the server, wrong/missing secret, encryption
+            settings that differ, version mismatch.
         ProtocolError: the server does not speak this protocol.
         PeerLostError: the server closed the connection during the handshake.
-        InvalidUsageError: invalid ``role``/``peer_id``/pool arguments.
+        InvalidUsageError: invalid ``role``/``peer_id``/pool arguments, ``encrypt`` without ``secret``.
     """
+    check_encrypt(encrypt, secret)
     loop = asyncio.get_running_loop()
     conn = Connection(loop, is_client=True, congestion=congestion)
+    if link_id is not None:
+        conn.early_aborts = []
     try:
         async with asyncio.timeout(timeout):
             try:
@@ -550,7 +583,7 @@ async def open_connection(
                 raise PeerUnreachableError(f"cannot connect to {host}:{port}: {exc}") from exc
             result = await client_handshake(
                 conn, role=role, peer_id=peer_id, secret=secret,
-                link_id=link_id, index=index, pool_size=pool_size,
+                link_id=link_id, index=index, pool_size=pool_size, encrypt=encrypt,
             )
     except TimeoutError as exc:
         conn.abort("handshake timed out")
@@ -565,10 +598,7 @@ async def open_connection(
 
 
 async def start_server(
-    host: str | None,
-    port: int,
-    on_connection: Callable[[Connection], Any],
-    **options: Any,
+    host: str | None, port: int, on_connection: Callable[[Connection], Any], **options: Any
 ) -> Server:
     """Listen on ``host:port``; see :func:`transport.server.start_server` (re-exported here)."""
     from transport.server import start_server as _start_server  # server.py builds on this module

@@ -1,8 +1,8 @@
 """The connection handshake: versioned hello, mutual HMAC challenge-response, session keys.
 
 Wire flow and message fields are in ``docs/protocol.md`` §1. The functions here
-only need a way to send and receive handshake frames, so they run on a real
-connection and in tests alike.
+only need a way to send and receive handshake frames (and to switch encryption
+on, §2.1), so they run on a real connection and in tests alike.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class Hello:
     link_id: int | None = None
     index: int = 0
     pool_size: int = 1
+    encrypt: bool = False
 
     def __post_init__(self) -> None:
         _check_nonce(self.nonce)
@@ -106,6 +107,10 @@ class HandshakeChannel(Protocol):
     async def recv_handshake(self) -> tuple[FrameHeader, bytearray]:
         """The next handshake frame (header version not enforced)."""
 
+    def start_encryption(self, keys: SessionKeys) -> None:
+        """Seal every frame written from now on and open every frame the peer sends after
+        its last handshake frame (the server's ACCEPT, or the client's AUTH) with ``keys`` (§2.1)."""
+
 
 @dataclass(frozen=True, slots=True)
 class HandshakeResult:
@@ -115,6 +120,7 @@ class HandshakeResult:
     peer_role: str
     peer_id: PeerId
     keys: SessionKeys
+    encrypt: bool = False
 
 
 def _check_nonce(nonce: bytes) -> None:
@@ -154,6 +160,20 @@ def derive_keys(secret: bytes | None, client_nonce: bytes, server_nonce: bytes, 
     return SessionKeys(okm[:32], okm[32:])
 
 
+def check_encrypt(encrypt: bool, secret: bytes | None) -> None:
+    """Raise InvalidUsageError when encryption is asked for without a secret to derive keys from."""
+    if encrypt and not secret:
+        raise InvalidUsageError(
+            "encrypt=True needs a shared secret: the encryption keys are derived from it (pass secret=...)"
+        )
+
+
+def _encrypt_mismatch(server_encrypts: bool) -> str:
+    if server_encrypts:
+        return "this server encrypts all traffic; connect with encrypt=True (both ends must set encrypt alike)"
+    return "this server does not encrypt traffic; connect without encrypt (both ends must set encrypt alike)"
+
+
 def _version_mismatch(ours: int, theirs: int, we: str, they: str) -> str:
     verb = "speak" if we == "we" else "speaks"
     return f"protocol version mismatch: {we} {verb} {ours}, {they} speaks {theirs}"
@@ -169,19 +189,23 @@ async def client_handshake(
     index: int = 0,
     pool_size: int = 1,
     version: int = PROTOCOL_VERSION,
+    encrypt: bool = False,
 ) -> HandshakeResult:
-    """Run the connecting side of §1 on ``channel``.
+    """Run the connecting side of §1 on ``channel``; with ``encrypt``, switch it to §2.1.
 
     Raises:
-        AuthenticationError: the server refused us (its reason is in the message),
-            could not prove it knows our secret, has no secret while we do, or
-            speaks another protocol version (both versions are named).
+        AuthenticationError: the server refused us (its reason is in the message:
+            e.g. encryption settings differ), could not prove it knows our secret,
+            has no secret while we do, or speaks another protocol version (both
+            versions are named).
         ProtocolError: the server sent something that is not a valid handshake.
-        InvalidUsageError: bad ``role``/``peer_id``/pool arguments.
+        InvalidUsageError: bad ``role``/``peer_id``/pool arguments, or ``encrypt``
+            without a secret.
     """
+    check_encrypt(encrypt, secret)
     try:
         hello = Hello(version, role, peer_id, secrets.token_bytes(NONCE_SIZE), secret is not None,
-                      link_id, index, pool_size)
+                      link_id, index, pool_size, encrypt)
     except ValueError as exc:
         raise InvalidUsageError(str(exc)) from exc
     hello_payload = encode(hello)
@@ -196,21 +220,30 @@ async def client_handshake(
         if not hmac.compare_digest(challenge.proof, _proof(secret, b"server", transcript)):
             raise AuthenticationError("the server could not prove it knows the shared secret (wrong secret?)")
         proof = _proof(secret, b"client", transcript)
-    channel.send_handshake(FrameType.AUTH, encode(Auth(proof)), version=version)
-    await _recv(channel, version, (FrameType.ACCEPT, FrameType.REJECT))
     keys = derive_keys(secret, hello.nonce, challenge.nonce, transcript)
-    return HandshakeResult(hello, challenge.role, challenge.peer_id, keys)
+    channel.send_handshake(FrameType.AUTH, encode(Auth(proof)), version=version)
+    if encrypt:
+        # Before ACCEPT can arrive: whatever the server sends behind it is sealed (§2.1).
+        channel.start_encryption(keys)
+    await _recv(channel, version, (FrameType.ACCEPT, FrameType.REJECT))
+    return HandshakeResult(hello, challenge.role, challenge.peer_id, keys, encrypt)
 
 
 async def server_handshake(
-    channel: HandshakeChannel, *, role: str, peer_id: PeerId, secret: bytes | None
+    channel: HandshakeChannel, *, role: str, peer_id: PeerId, secret: bytes | None, encrypt: bool = False
 ) -> HandshakeResult:
     """Run the accepting side of §1 on ``channel``; refusals are sent to the peer as REJECT.
 
+    With ``encrypt`` only clients asking for encryption are accepted, and the
+    channel is switched to §2.1 right after ACCEPT.
+
     Raises:
-        AuthenticationError: wrong or missing secret, or a protocol version mismatch.
+        AuthenticationError: wrong or missing secret, encryption settings that
+            differ, or a protocol version mismatch.
         ProtocolError: the client sent something that is not a valid handshake.
+        InvalidUsageError: ``encrypt`` without a secret.
     """
+    check_encrypt(encrypt, secret)
     header, payload = await channel.recv_handshake()
     if header.type is not FrameType.HELLO:
         raise ProtocolError(f"expected HELLO, got {header.type.name}")
@@ -229,6 +262,11 @@ async def server_handshake(
     if secret is None and hello.auth:
         _reject(channel, "this server has no shared secret configured")
         raise AuthenticationError(f"peer {hello.peer_id!r} offered a secret this server does not have")
+    if hello.encrypt != encrypt:
+        _reject(channel, _encrypt_mismatch(encrypt))
+        raise AuthenticationError(
+            f"peer {hello.peer_id!r} connected with encrypt={hello.encrypt}, this server has encrypt={encrypt}"
+        )
     challenge = Challenge(secrets.token_bytes(NONCE_SIZE), b"", role, peer_id)
     transcript = _transcript(bytes(payload), challenge)
     if secret is not None:
@@ -244,7 +282,9 @@ async def server_handshake(
         raise AuthenticationError(f"peer {hello.peer_id!r} failed authentication (wrong secret?)")
     channel.send_handshake(FrameType.ACCEPT, encode(Accept()))
     keys = derive_keys(secret, hello.nonce, challenge.nonce, transcript)
-    return HandshakeResult(hello, hello.role, hello.peer_id, keys)
+    if encrypt:
+        channel.start_encryption(keys)  # ACCEPT went out in clear; everything after it is sealed
+    return HandshakeResult(hello, hello.role, hello.peer_id, keys, encrypt)
 
 
 def _reject(channel: HandshakeChannel, reason: str) -> None:

@@ -24,7 +24,7 @@ from transport.connection import (
 )
 from transport.errors import InvalidUsageError, PeerLostError, PeerUnreachableError, ProtocolError
 from transport.frame import MAX_DATA_PAYLOAD, FrameHeader, FrameType, pack_header
-from transport.handshake import PeerId
+from transport.handshake import PeerId, check_encrypt
 from transport.loop import on_loop
 from transport.message import Message, message
 
@@ -74,9 +74,10 @@ def _shorten(reason: str, limit: int = MAX_ABORT_REASON) -> bytes:
     """``reason`` as UTF-8 of at most ``limit`` bytes, keeping its start and its end.
 
     A failure relayed around a ring nests one reason in the next: the start names the
-    latest hop, the end the original cause, so the middle is what goes.
+    latest hop, the end the original cause, so the middle is what goes. Characters
+    UTF-8 cannot carry (lone surrogates) become ``?``.
     """
-    data = reason.encode("utf-8")
+    data = reason.encode("utf-8", "replace")
     if len(data) <= limit:
         return data
     head = limit // 4
@@ -143,6 +144,10 @@ class Link:
             conn.inbox.move_to(self._inbox, conn)  # LINK_READY may already be queued
             conn.inbox = self._inbox
             conn.add_close_callback(self._make_on_lost(index))
+        for conn in self.connections:  # the peer aborted tags before this Link existed (§4)
+            early, conn.early_aborts = conn.early_aborts or [], None
+            for tag, reason in early:
+                self.tag_aborted(conn, tag, reason)
 
     def __repr__(self) -> str:
         return f"<Link {self.link_id:#x} to peer {self.peer_id!r}, {len(self.connections)} connections>"
@@ -534,27 +539,31 @@ async def connect_link(
     congestion: str | None = "cubic",
     side_buffer_limit: int = DEFAULT_SIDE_BUFFER_LIMIT,
     frame_size: int = DEFAULT_FRAME_SIZE,
+    encrypt: bool = False,
 ) -> Link:
     """Open a link of ``connections`` TCP connections to ``host:port`` (§4).
 
     Returns once the accepting side assembled the whole pool and answered
     LINK_READY, i.e. its ``on_link`` callback has the matching :class:`Link`.
+    ``encrypt``: every connection seals its frames with AES-GCM (§2.1; needs ``secret``).
 
     Raises:
         PeerUnreachableError: a connection failed or the link was not ready within ``timeout``.
-        AuthenticationError: refused by the server, wrong/missing secret, version mismatch.
+        AuthenticationError: refused by the server, wrong/missing secret, encryption
+            settings that differ, version mismatch.
         ProtocolError: the server answered something else than LINK_READY.
         PeerLostError: the server dropped the connections while assembling.
-        InvalidUsageError: ``connections`` out of range.
+        InvalidUsageError: ``connections`` out of range, ``encrypt`` without ``secret``.
     """
     if not 1 <= connections <= 256:
         raise InvalidUsageError(f"connections must be in 1..256, got {connections}")
+    check_encrypt(encrypt, secret)
     link_id = secrets.randbits(64)
     results = await asyncio.gather(
         *(
             open_connection(
                 host, port, role=role, peer_id=peer_id, secret=secret, timeout=timeout,
-                congestion=congestion, link_id=link_id, index=i, pool_size=connections,
+                congestion=congestion, link_id=link_id, index=i, pool_size=connections, encrypt=encrypt,
             )
             for i in range(connections)
         ),

@@ -5,6 +5,11 @@ buffer, a control payload, or the destination slice a data sink chose for a DATA
 payload — and turns completed frames into calls on a :class:`FrameHandler`.
 It never copies payload bytes and never allocates before a header passed its
 limits. It knows nothing about sockets; tests feed it bytes in any chunking.
+
+On an encrypted connection (§2.1, :meth:`FrameReader.decrypt_with`) the header
+is followed by its tag and checked before anything acts on it; payload records
+land in a bounded record buffer and are decrypted from there into the same
+destinations (the decryption is the only pass over the bytes).
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ from __future__ import annotations
 import enum
 from typing import Protocol
 
+from transport.crypto import RECORD_SIZE, TAG_SIZE, Opener
 from transport.errors import ProtocolError
 from transport.frame import HEADER_SIZE, FrameHeader, FrameType, unpack_header
 
 #: Size of the throw-away buffer used to skip discarded payloads.
 SCRATCH_SIZE = 256 * 1024
+#: What a failed reader reads (and ignores) into until its transport closes.
+FAILED_SCRATCH_SIZE = 4096
 
 
 class FrameHandler(Protocol):
@@ -43,9 +51,16 @@ class FrameReader:
 
     def __init__(self, handler: FrameHandler) -> None:
         self._handler = handler
-        self._header_buf = bytearray(HEADER_SIZE)
+        self._header_buf = bytearray(HEADER_SIZE + TAG_SIZE)
         self._header_view = memoryview(self._header_buf)
-        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
+        self._header_size = HEADER_SIZE  # + TAG_SIZE once decrypting
+        self._opener: Opener | None = None
+        self._record: memoryview | None = None  # one sealed record (ciphertext ‖ tag)
+        self._aad = b""  # the current frame's header: associated data of its records
+        self._plain = 0  # plaintext bytes of the current payload already opened
+        # Allocated when a payload is first discarded: most connections never need it, and a
+        # flood of half-open connections must not cost 256 KiB each.
+        self._scratch: memoryview | None = None
         self._state = _State.HEADER
         self._filled = 0
         self._header: FrameHeader | None = None
@@ -61,16 +76,40 @@ class FrameReader:
         """Header of the frame whose payload is being received, if any."""
         return self._header if self._state is _State.PAYLOAD else None
 
+    @property
+    def decrypting(self) -> bool:
+        """Whether frames are opened with AES-GCM (§2.1)."""
+        return self._opener is not None
+
+    def decrypt_with(self, opener: Opener) -> None:
+        """Open every frame whose header starts after this call with ``opener`` (§2.1).
+
+        Raises:
+            ProtocolError: called in the middle of a frame: the peer sent bytes
+                before it could know that encryption starts (the reader fails).
+        """
+        if self._state is not _State.HEADER or self._filled:
+            self.fail()
+            raise ProtocolError("bytes arrived before the handshake completed")
+        self._opener = opener
+        self._header_size = HEADER_SIZE + TAG_SIZE
+        self._record = memoryview(bytearray(RECORD_SIZE + TAG_SIZE))
+
     def get_buffer(self) -> memoryview:
         """The (never empty) buffer the next received bytes must be written to. Raises nothing."""
         if self._state is _State.HEADER:
-            return self._header_view[self._filled :]
+            return self._header_view[self._filled : self._header_size]
         if self._state is _State.PAYLOAD:
             assert self._header is not None
+            if self._record is not None:
+                return self._record[self._filled : min(RECORD_SIZE, self._header.length - self._plain) + TAG_SIZE]
             if self._dest is not None:
                 return self._dest[self._filled :]
             remaining = self._header.length - self._filled
+            if self._scratch is None:
+                self._scratch = memoryview(bytearray(SCRATCH_SIZE))
             return self._scratch[: min(remaining, SCRATCH_SIZE)]
+        assert self._scratch is not None  # set by fail()
         return self._scratch  # failed: bytes are read and ignored until the transport closes
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -83,9 +122,15 @@ class FrameReader:
         try:
             if self._state is _State.HEADER:
                 self._filled += nbytes
-                if self._filled == HEADER_SIZE:
+                if self._filled == self._header_size:
                     self._filled = 0
+                    if self._opener is not None:
+                        self._opener.open_header(self._header_view[: self._header_size], HEADER_SIZE)
+                        self._aad = bytes(self._header_view[:HEADER_SIZE])
                     self._start(unpack_header(self._header_buf, check_version=self.check_version))
+            elif self._record is not None and self._state is _State.PAYLOAD:
+                self._filled += nbytes
+                self._record_updated()
             elif self._state is _State.PAYLOAD:
                 self._filled += nbytes
                 assert self._header is not None
@@ -95,11 +140,29 @@ class FrameReader:
             self.fail()
             raise
 
+    def _record_updated(self) -> None:
+        """Encrypted payload: open the record once its ciphertext and tag are in (§2.1)."""
+        header, opener, record = self._header, self._opener, self._record
+        assert header is not None and opener is not None and record is not None
+        size = min(RECORD_SIZE, header.length - self._plain)
+        if self._filled < size + TAG_SIZE:
+            return
+        out = self._dest[self._plain : self._plain + size] if self._dest is not None else None
+        opener.open_record(self._aad, record[: size + TAG_SIZE], out)
+        self._filled = 0
+        self._plain += size
+        if self._plain == header.length:
+            self._finish()
+
     def fail(self) -> None:
         """Stop interpreting bytes (the connection is being torn down). Raises nothing."""
         self._state = _State.FAILED
         self._dest = None
         self._payload = None
+        # Release the big buffers now: a lost connection may wait in a reference cycle for
+        # the garbage collector, and a flood of them must not hold on to memory meanwhile.
+        self._record = None
+        self._scratch = memoryview(bytearray(FAILED_SCRATCH_SIZE))
 
     def discard_current(self) -> FrameHeader | None:
         """Send the rest of the DATA payload being received to the scratch buffer.
@@ -136,6 +199,7 @@ class FrameReader:
         self._state = _State.HEADER
         self._filled = 0
         self._header = None
+        self._plain = 0
         dest, self._dest = self._dest, None
         if header.type is FrameType.DATA:
             if dest is not None:

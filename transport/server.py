@@ -14,7 +14,7 @@ from typing import Any
 
 from transport.connection import Connection, _Protocol
 from transport.errors import AuthenticationError, InvalidUsageError, PeerLostError, ProtocolError
-from transport.handshake import HANDSHAKE_TIMEOUT, PeerId, check_identity, server_handshake
+from transport.handshake import HANDSHAKE_TIMEOUT, PeerId, check_encrypt, check_identity, server_handshake
 from transport.link import DEFAULT_FRAME_SIZE, DEFAULT_SIDE_BUFFER_LIMIT, Link, LinkReady
 from transport.loop import invoke_callback, on_loop
 from transport.sockopt import tune
@@ -133,10 +133,12 @@ class Server:
         on_link: Callable[[Link], Any] | None,
         link_timeout: float,
         side_buffer_limit: int,
+        encrypt: bool = False,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._on_connection = on_connection
         self._secret = secret
+        self._encrypt = encrypt
         self._congestion = congestion
         self._role = role
         self._peer_id = peer_id
@@ -182,7 +184,9 @@ class Server:
     async def _handshake(self, conn: Connection) -> None:
         try:
             async with asyncio.timeout(self._handshake_timeout):
-                result = await server_handshake(conn, role=self._role, peer_id=self._peer_id, secret=self._secret)
+                result = await server_handshake(
+                    conn, role=self._role, peer_id=self._peer_id, secret=self._secret, encrypt=self._encrypt
+                )
         except TimeoutError:
             log.warning("handshake with %s timed out after %s s, dropping it", conn.describe(), self._handshake_timeout)
             conn.abort("handshake timed out")
@@ -260,6 +264,7 @@ async def start_server(
     on_link: Callable[[Link], Any] | None = None,
     link_timeout: float = DEFAULT_LINK_TIMEOUT,
     side_buffer_limit: int = DEFAULT_SIDE_BUFFER_LIMIT,
+    encrypt: bool = False,
 ) -> Server:
     """Listen on ``host:port`` (``port=0``: ephemeral, see ``server.port``).
 
@@ -267,12 +272,16 @@ async def start_server(
     handshake (§1) and is not part of a link; ``on_link(link)`` (when given) for
     every link whose N connections all arrived (§4). Callbacks may be plain
     functions or return awaitables (run as tasks; their errors are logged).
-    ``role``/``peer_id`` are what this side declares in its CHALLENGE.
+    ``role``/``peer_id`` are what this side declares in its CHALLENGE. With
+    ``encrypt`` (needs ``secret``) only clients that encrypt too are accepted, and
+    every frame after the handshake is sealed with AES-GCM (§2.1).
 
     Raises:
         OSError: the address cannot be bound.
-        InvalidUsageError: ``role``/``peer_id`` do not fit the hello's limits.
+        InvalidUsageError: ``role``/``peer_id`` do not fit the hello's limits, or
+            ``encrypt`` without ``secret``.
     """
+    check_encrypt(encrypt, secret)
     try:
         check_identity(role, peer_id)
     except ValueError as exc:
@@ -280,7 +289,7 @@ async def start_server(
     server = Server(
         on_connection, secret=secret, congestion=congestion, role=role, peer_id=peer_id,
         handshake_timeout=handshake_timeout, on_link=on_link, link_timeout=link_timeout,
-        side_buffer_limit=side_buffer_limit,
+        side_buffer_limit=side_buffer_limit, encrypt=encrypt,
     )
     await server._listen(host, port)  # noqa: SLF001
     return server
