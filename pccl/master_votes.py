@@ -5,15 +5,20 @@ last of them has voted, and a peer that disappears is simply no longer needed, s
 round never waits for a dead peer. :func:`break_deadlocks` fails rounds that wait on
 each other in a cycle (peers calling operations in different orders), so a program
 error shows up as an error on every peer involved instead of a hang (§5.10).
+An ``optimize_topology`` round of a measuring master has a phase between voting and
+linking in which the peers measure the bandwidths the master lacks (§5.12).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pccl import master_collectives as colls
 from pccl import protocol as P
+from pccl.bandwidth import probe_time_bound
+from pccl.master_rings import Probe, ProbePlan, missing_pairs, optimize_ring
 
 if TYPE_CHECKING:
     from pccl.master_state import GroupState, MasterState
@@ -21,6 +26,11 @@ if TYPE_CHECKING:
 # Lazily imported election types (pccl.election is pure; the import is only deferred
 # so that a custom ``elect`` in tests needs nothing else).
 NO_REVISION = -1
+# The master gives up on a probe this long after the peer's own bound (§5.12).
+PROBE_SLACK = 2.0
+# A measured ring replaces the current one only if it is better by more than this
+# fraction: noise between two measurements must not re-wire a ring (§5.12).
+REWIRE_MARGIN = 0.1
 
 
 @dataclass
@@ -38,6 +48,8 @@ class MembershipRound:
     linking: bool = False
     joiners: set[int] = field(default_factory=set)
     concerned: dict[int, str] = field(default_factory=dict)
+    # optimize_topology: the bandwidth measurements between voting and linking (§5.12).
+    probes: ProbePlan | None = None
 
 
 @dataclass
@@ -117,7 +129,7 @@ def on_link_failure(state: MasterState, pair: tuple[int, int], reason: str) -> N
 
 
 def on_peer_removed(state: MasterState, peer: int, group: GroupState) -> None:
-    """Forget ``peer`` in every round and as a holder of its group's revision.
+    """Forget ``peer`` in every round, in the bandwidth matrix and as a holder of its group's revision.
 
     :func:`progress_membership` and :func:`progress_sync` re-evaluate the rounds.
     """
@@ -126,6 +138,10 @@ def on_peer_removed(state: MasterState, peer: int, group: GroupState) -> None:
         rnd.voters.discard(peer)
         rnd.joiners.discard(peer)
         rnd.concerned.pop(peer, None)
+        if rnd.probes is not None:
+            rnd.probes.drop_peer(peer)
+    # Peer ids are never reused: the peer's measurements can never be used again (§5.12).
+    state.bandwidth = {pair: bw for pair, bw in state.bandwidth.items() if peer not in pair}
     sync = group.sync
     if sync is not None:
         sync.reports.pop(peer, None)
@@ -152,6 +168,8 @@ def progress_membership(state: MasterState) -> bool:
             return True
         return False
     if not rnd.linking:
+        if rnd.probes is not None:
+            return _progress_measuring(state, rnd, rnd.probes)
         if set(state.accepted()) - rnd.voters:
             return False
         _apply(state, rnd)
@@ -191,7 +209,87 @@ def _apply(state: MasterState, rnd: MembershipRound) -> None:
             if sorted(order) == sorted(group.ring) and order != group.ring:
                 group.ring = order
                 group.dirty = True
+    elif rnd.kind == P.OPTIMIZE_TOPOLOGY and state.measure_bandwidth:
+        todo = [pair for g in sorted(state.groups) for pair in missing_pairs(state.groups[g].ring, state.bandwidth)]
+        rnd.probes = ProbePlan(todo)
+        state.log("measure", pairs=len(todo))
+        return  # measuring first; progress_membership solves and links afterwards
     rnd.linking = True
+
+
+# --- optimize_topology: measure, solve, re-wire (§5.12) ------------------------------
+
+
+def _progress_measuring(state: MasterState, rnd: MembershipRound, plan: ProbePlan) -> bool:
+    """Give up late probes, start the ones that may run, solve once all are done."""
+    changed = False
+    for probe in plan.expired(state.now):
+        _record(state, probe, 0.0, "no report before the master's deadline")
+        changed = True
+    timeout = probe_time_bound(state.probe_seconds) + PROBE_SLACK
+    started = plan.start(state.now, state.next_probe_id, timeout)
+    state.next_probe_id += len(started)
+    for probe in started:
+        dst = state.peers[probe.dst]
+        state.send(probe.src, P.BandwidthProbe(probe.probe_id, probe.dst, dst.host, dst.port, state.probe_seconds))
+        changed = True
+    if not plan.done:
+        return changed
+    rnd.probes = None
+    _solve_rings(state, rnd)
+    rnd.linking = True
+    return True
+
+
+def _record(state: MasterState, probe: Probe, rate: float, reason: str) -> None:
+    state.bandwidth[(probe.src, probe.dst)] = rate
+    state.log("bandwidth", sender=probe.src, receiver=probe.dst, bytes_per_second=rate, reason=reason)
+
+
+def _solve_rings(state: MasterState, rnd: MembershipRound) -> None:
+    """Re-order every ring for the measured bandwidths and tell its members the matrix.
+
+    A group whose every ring uses an unreachable pair keeps its ring, and its voters
+    get ``TopologyUpdateError`` once the round ends (a retry measures those pairs again).
+    """
+    for gid in sorted(state.groups):
+        group = state.groups[gid]
+        ring = list(group.ring)
+        if len(ring) < 2:
+            continue
+        pairs = {(a, b): state.bandwidth.get((a, b), 0.0) for a in ring for b in ring if a != b}
+        order, decision = optimize_ring(ring, pairs, group.forbidden, REWIRE_MARGIN)
+        state.log("topology", group=gid, ring=ring, new_ring=order, decision=decision)
+        if order is None:
+            for peer in ring:
+                if peer in rnd.voters:
+                    rnd.concerned.setdefault(peer, f"optimize_topology of group {gid} failed: {decision}")
+        elif order != ring:
+            group.ring, group.dirty = order, True
+        matrix = sorted(pairs.items())
+        msg = P.Bandwidths([a for (a, _), _ in matrix], [b for (_, b), _ in matrix], [bw for _, bw in matrix])
+        for peer in ring:
+            state.send(peer, msg)
+
+
+def on_bandwidth_report(state: MasterState, peer: int, msg: P.BandwidthReport) -> None:
+    """A peer measured (or failed to measure) the bandwidth a probe asked for (§5.12)."""
+    rnd = state.round
+    plan = rnd.probes if rnd is not None else None
+    probe = plan.running.get(msg.probe_id) if plan is not None else None
+    if probe is None:
+        if not 0 < msg.probe_id < state.next_probe_id:
+            state.kick(peer, f"sent a bandwidth report for probe {msg.probe_id}, which never existed")
+        return  # given up, or its peers left meanwhile
+    if probe.src != peer:
+        state.kick(peer, f"sent a bandwidth report for probe {msg.probe_id}, which peer {probe.src} runs")
+        return
+    if not (math.isfinite(msg.bytes_per_second) and msg.bytes_per_second >= 0):
+        state.kick(peer, f"reported an impossible bandwidth {msg.bytes_per_second!r}")
+        return
+    assert plan is not None
+    plan.finish(msg.probe_id)
+    _record(state, probe, msg.bytes_per_second if msg.ok else 0.0, msg.reason)
 
 
 # --- shared state ---------------------------------------------------------------
