@@ -7,6 +7,13 @@ loss over the round's inner steps, and the bytes the reporting peer sent for the
 reduce. The summary compares the final validation loss with a single worker trained for the same
 number of steps, the communication volume with what DDP would have sent (one all-reduce of the
 same size per step), and checks that every peer ended with bit-identical parameters.
+On a terminal a progress bar of the rounds stays below those lines; in a log, a plain
+progress line with the time left appears every few seconds instead.
+
+examples:
+  pccl demo
+  pccl demo --peers 3 --steps 200 --inner-steps 10 --quantize uint8
+  pccl demo --async --timeout 600
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any, TextIO
 
 import torch
 
+from pccl.progress import Progress, progress
 from training.baselines import Recipe, evaluate, load_or_warm_start, new_model, train_single
 from training.data import load_corpus
 from training.harness import PeerResult, PeerSpec, run_group
@@ -43,31 +51,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _Progress:
-    """Prints one line per round (from the first peer that reports it) and membership events."""
+    """Prints one line per round (from the first peer that reports it) and membership events,
+    and advances ``bar`` (a :class:`pccl.progress.Progress` of the rounds) with them."""
 
-    def __init__(self, rounds: int, out: TextIO) -> None:
+    def __init__(self, rounds: int, out: TextIO, bar: Progress[Any]) -> None:
         self.rounds = rounds
         self.out = out
+        self.bar = bar
         self.printed = 0
+        self.killed: set[int] = set()
         self.start = time.perf_counter()
 
     def __call__(self, spec: PeerSpec, rec: dict[str, Any]) -> None:
         event = rec.get("event")
         name = f"peer w{spec.worker}"
-        if event == "killed":
+        if event == "killed" and spec.worker not in self.killed:
+            # The launcher may report a kill again while the process is still being reaped.
+            self.killed.add(spec.worker)
             self._line(f"  !! {name} killed (SIGKILL) after round {rec['after_round']}")
         elif event == "started" and spec.start_after_round:
             self._line(f"  ++ {name} started after round {rec['after_round']}")
         elif event == "joined" and rec["round"] > 0:
             self._line(f"  ++ {name} joined at round {rec['round']} (group of {rec['world_size']})")
         elif event == "round" and rec["round"] > self.printed:
+            self.bar.update(rec["round"] - self.printed, peers=rec["world_size"], loss=f"{rec['loss']:.3f}")
             self.printed = rec["round"]
             self._line(f"round {rec['round']:3d}/{self.rounds}  peers {rec['world_size']}  "
                        f"loss {rec['loss']:.3f}  sent/peer {rec['reduce_tx_bytes'] / 1024:6.1f} KiB  "
                        f"t {time.perf_counter() - self.start:6.1f}s")
 
     def _line(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        self.bar.write(text, file=self.out)  # on a terminal: above the bar, never through it
 
 
 def _summary(results: list[PeerResult], single: float, warm: float, steps: int, out: TextIO) -> bool:
@@ -120,8 +134,9 @@ def run(args: argparse.Namespace) -> int:
               "--cache", str(cache)]
     print(f"{args.peers} peers, DiLoCo H={args.inner_steps}, {rounds} rounds; peer w1 is killed after round "
           f"{rounds // 3}, peer w{args.peers} joins after round {rounds // 2}", file=out, flush=True)
-    with tempfile.TemporaryDirectory(prefix="pccl-demo-") as tmp:
-        results = run_group(specs, common, tmp, timeout=args.timeout, on_record=_Progress(rounds, out))
+    with tempfile.TemporaryDirectory(prefix="pccl-demo-") as tmp, \
+            progress(rounds, "demo", unit="round") as bar:
+        results = run_group(specs, common, tmp, timeout=args.timeout, on_record=_Progress(rounds, out, bar))
     print("single-worker baseline...", file=out, flush=True)
     model, _ = train_single(corpus, replace(recipe), start, args.steps)
     ok = _summary(results, evaluate(model, corpus, recipe), warm_loss, args.steps, out)
@@ -130,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main() -> int:
     """``python -m training.demo``: the same as ``pccl demo``."""
-    parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args())
 

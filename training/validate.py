@@ -15,12 +15,16 @@ Runs (each a local master plus worker processes, :mod:`training.harness`):
   delays every reduce by half a round's inner-step compute time (an artificial slow link sized
   to the machine) to show that the inner steps hide it;
 - ``churn``: a shorter run where one worker dies mid-round and a new one joins later.
+
+``--plot PATH`` draws every run's training-loss curve (the workers' mean per round; the
+single worker's mean per ``inner_steps`` window) and the final validation losses.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -41,7 +45,9 @@ __all__ = [
     "check_churn",
     "check_claims",
     "check_parity",
+    "final_losses",
     "hidden_fraction",
+    "loss_curves",
     "main",
     "run_all",
     "run_churn",
@@ -177,8 +183,9 @@ def run_all(scale: Scale, workdir: Path, cache: Path, kinds: Sequence[str] = tup
     start = load_or_warm_start(corpus, recipe, cache)
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
-    model, _ = train_single(corpus, recipe, start, scale.steps)
-    out["single"] = {"val_loss": evaluate(model, corpus, recipe), "seconds": time.perf_counter() - t0}
+    model, losses = train_single(corpus, recipe, start, scale.steps)
+    out["single"] = {"val_loss": evaluate(model, corpus, recipe), "seconds": time.perf_counter() - t0,
+                     "losses": [float(x) for x in losses]}
     for kind in kinds:
         t0 = time.perf_counter()
         out[kind] = run_kind(kind, scale, workdir, cache)
@@ -230,6 +237,51 @@ def check_churn(results: Sequence[PeerResult]) -> tuple[bool, str]:
                f"{newcomer.joined['round'] if newcomer.joined else None}; {why}"
 
 
+def loss_curves(res: dict[str, Any], inner_steps: int) -> dict[str, list[tuple[int, float]]]:
+    """Training-loss curves of the results of :func:`run_all`: ``name -> [(inner step, loss)]``.
+
+    A multi-worker run's point at round r is the mean over the workers that reported round r
+    of their mean loss over that round's inner steps (x = r * ``inner_steps``); the single
+    worker's points are the means of its per-step losses over windows of ``inner_steps``.
+    """
+    curves: dict[str, list[tuple[int, float]]] = {}
+    single = res.get("single", {}).get("losses") or []
+    windows = len(single) // inner_steps
+    if windows:
+        curves["single"] = [((w + 1) * inner_steps, sum(single[w * inner_steps:(w + 1) * inner_steps]) / inner_steps)
+                            for w in range(windows)]
+    for kind in KINDS:
+        if kind not in res:
+            continue
+        by_round: dict[int, list[float]] = {}
+        for result in res[kind]:
+            for rec in result.rounds:
+                by_round.setdefault(int(rec["round"]), []).append(float(rec["loss"]))
+        curves[kind] = [(r * inner_steps, sum(v) / len(v)) for r, v in sorted(by_round.items())]
+    return curves
+
+
+def final_losses(res: dict[str, Any]) -> dict[str, float]:
+    """Final validation loss of every run in ``res`` (single worker and :data:`KINDS`) that finished."""
+    final = {"single": float(res["single"]["val_loss"])} if "single" in res else {}
+    for kind in KINDS:
+        if kind in res:
+            try:
+                final[kind] = _loss(res[kind])
+            except RuntimeError:  # no worker finished: there is no final loss to show
+                continue
+    return final
+
+
+def _save_plot(path: Path, res: dict[str, Any], scale: Scale) -> None:
+    from pccl import plot
+
+    title = (f"DiLoCo vs baselines: {scale.workers} workers, H={scale.inner_steps}, {scale.steps} inner steps, "
+             f"batch {scale.batch_size}")
+    plot.save(plot.loss_curves_figure(loss_curves(res, scale.inner_steps), final_losses(res), title=title), path)
+    print(f"plot written to {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m training.validate``; returns 0 if every claim holds."""
     ap = argparse.ArgumentParser(prog="python -m training.validate", description=__doc__,
@@ -237,7 +289,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="the full-size runs (several minutes)")
     ap.add_argument("--cache", type=Path, default=default_cache(), help="warm-start cache directory")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the workers' files here")
+    ap.add_argument("--plot", type=Path, default=None, metavar="PATH",
+                    help="draw the loss curves and final validation losses to PATH (needs matplotlib)")
     args = ap.parse_args(argv)
+    if args.plot is not None:
+        from pccl.plot import PlotUnavailableError, require
+
+        try:
+            require()  # before minutes of training, not after
+        except PlotUnavailableError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     scale = FULL if args.full else QUICK
     with tempfile.TemporaryDirectory(prefix="pccl-validate-") as tmp:
         workdir = args.workdir or Path(tmp)
@@ -254,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for c in claims:
         print(f"[{'ok' if c.ok else 'FAIL'}] {c.text}: {c.detail}")
+    if args.plot is not None:
+        _save_plot(args.plot, res, scale)
     return 0 if all(c.ok for c in claims) else 1
 
 

@@ -12,11 +12,17 @@ With ``--quantize`` each pccl setting is also timed with that quantization, and 
 ratio table compares it with the unquantized run. With ``--wan RTT_MS`` the two
 workers (world 2 only) run in the two network namespaces of an emulated link
 (``python -m stress.wan``, root only; ``--rate-mbit`` caps each direction); rank 0
-hosts the masters and the Gloo store there.
+hosts the masters and the Gloo store there. ``--plot PATH`` draws busbw against size,
+one panel per world size, one line per implementation. With ``--encrypt`` every pccl
+setting is also timed with ``encrypt=True`` (AES-GCM, a fresh random secret in a 0600
+file) in the same run; rows carry ``"encrypt"``, an extra table shows encrypted time /
+plain time, and a single-thread AES-GCM figure on 1 MiB messages is printed.
 
 examples:
-  pccl bench allreduce --world 2,4 --sizes-mib 1,16,256 --compare-gloo --json ar.json
-  pccl bench allreduce --world 2 --sizes-mib 64 --quantize uint8 --wan 20 --rate-mbit 1000 --json q.json
+  pccl bench allreduce --world 2,4 --sizes-mib 1,16,256 --compare-gloo --json ar.json --plot ar.png
+  pccl bench allreduce --world 2 --sizes-mib 16 --out --congestion cubic,system --compare-gloo
+  pccl bench allreduce --world 2,3 --sizes-mib 1,16,64 --encrypt --json enc.json
+  sudo pccl bench allreduce --world 2 --sizes-mib 64 --quantize uint8 --wan 20 --rate-mbit 1000 --json q.json
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -34,7 +41,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
-from pccl.bench.common import format_table, int_list, str_list, summarize, thread_env, threads_per_process, write_json
+from pccl.bench.common import (
+    add_plot_argument,
+    check_plot,
+    format_table,
+    int_list,
+    str_list,
+    summarize,
+    thread_env,
+    threads_per_process,
+    write_json,
+    write_plot,
+)
+from pccl.progress import progress
 
 COLUMNS = [
     ("impl", "impl", "s"),
@@ -76,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", default=None, help="write rows to this JSON file")
     parser.add_argument("--backend-api", action="store_true",
                         help="also time dist.all_reduce through the torch.distributed backend 'pccl'")
+    parser.add_argument("--encrypt", action="store_true",
+                        help="also time every pccl setting with encrypt=True (AES-GCM) and report the overhead")
+    add_plot_argument(parser, "bus bandwidth against size per world size")
 
 
 # --- the worker process -------------------------------------------------------------------
@@ -113,10 +135,16 @@ def _impls(cfg: dict[str, Any], comms: dict[str, Any]) -> list[Impl]:
     return impls
 
 
-def _settings(cfg: dict[str, Any]) -> list[tuple[str, str, int]]:
-    """(impl name, congestion control, connections) of every pccl run to time."""
+def _settings(cfg: dict[str, Any]) -> list[tuple[str, str, int, bool]]:
+    """(impl name, congestion control, connections, encrypt) of every pccl run to time."""
     many = len(cfg["connections"]) > 1
-    return [(f"pccl-{cc}" + (f"-x{n}" if many else ""), cc, n) for cc in cfg["congestion"] for n in cfg["connections"]]
+    plain = [(f"pccl-{cc}" + (f"-x{n}" if many else ""), cc, n) for cc in cfg["congestion"] for n in cfg["connections"]]
+    out = []
+    for name, cc, n in plain:
+        out.append((name, cc, n, False))
+        if cfg.get("encrypt"):
+            out.append((f"{name}-enc", cc, n, True))
+    return out
 
 
 def _measure(cfg: dict[str, Any], rank: int, impls: list[Impl]) -> list[dict[str, Any]]:
@@ -125,6 +153,9 @@ def _measure(cfg: dict[str, Any], rank: int, impls: list[Impl]) -> list[dict[str
     import torch.distributed as dist
 
     world, rows = cfg["world"], []
+    # Rank 0 alone shows progress: one step per timed operation, warm-up included.
+    bar = progress(len(cfg["sizes"]) * (cfg["iters"] + 1) * len(impls), f"all-reduce world {world}",
+                   unit="op", mode="auto" if rank == 0 else "off")
     for mib in cfg["sizes"]:
         numel = (mib << 20) // 4
         tensor = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
@@ -147,6 +178,7 @@ def _measure(cfg: dict[str, Any], rank: int, impls: list[Impl]) -> list[dict[str
                     samples[name].append(float(elapsed))
                 if not out_of_place:
                     tensor.div_(world)  # keep the values bounded across in-place iterations
+                bar.update(1, size=f"{mib} MiB")
         nbytes = numel * 4
         for name, comm, *_ in impls:
             seconds = summarize(samples[name])
@@ -155,6 +187,7 @@ def _measure(cfg: dict[str, Any], rank: int, impls: list[Impl]) -> list[dict[str
                 "busbw_gbps": nbytes / seconds * 2 * (world - 1) / world / 1e9,
                 "tx_bytes": tx[name] if comm is not None else 2 * (world - 1) * nbytes // world,
             })
+    bar.close()
     return rows
 
 
@@ -168,18 +201,18 @@ def _worker(cfg: dict[str, Any]) -> int:
     torch.set_num_threads(cfg["threads"])
     masters = []
     if cfg["host_masters"]:  # WAN mode: rank 0 hosts the masters inside its namespace
-        for port in cfg["master_ports"]:
-            masters.append(pccl.Master(host=cfg["master_host"], port=port))
+        for (*_, enc), port in zip(_settings(cfg), cfg["master_ports"]):
+            masters.append(pccl.Master(host=cfg["master_host"], port=port, **_secured(cfg, enc)))
             masters[-1].start()
     comms: dict[str, Any] = {}
     try:
         dist.init_process_group("gloo", init_method=cfg["store"], rank=rank, world_size=world,
                                 timeout=timedelta(seconds=cfg["timeout"]))
         # Gloo's store is up once init returns everywhere: by then rank 0 has started the masters.
-        for (name, cc, conns), port in zip(_settings(cfg), cfg["master_ports"]):
+        for (name, cc, conns, enc), port in zip(_settings(cfg), cfg["master_ports"]):
             dist.barrier()  # rank 0 joins first and alone, then the others are voted in
             comm = pccl.Communicator(f"{cfg['master_host']}:{port}", connections=conns,
-                                     congestion=None if cc == "system" else cc)
+                                     congestion=None if cc == "system" else cc, **_secured(cfg, enc))
             comms[name] = comm
             if rank == 0:
                 comm.connect(timeout=60)
@@ -191,6 +224,10 @@ def _worker(cfg: dict[str, Any]) -> int:
         if cfg.get("backend_api"):
             comms["pccl-backend-api"] = _BackendApi(world)
         rows = _measure(cfg, rank, _impls(cfg, comms))
+        if cfg.get("encrypt"):  # rows say whether their run was encrypted (only with --encrypt)
+            encrypted = [name for name, *_, enc in _settings(cfg) if enc]
+            for row in rows:
+                row["encrypt"] = any(row["impl"] == n or row["impl"].startswith(n + "-") for n in encrypted)
         if rank == 0:
             write_json(cfg["result"], rows)
     finally:
@@ -219,6 +256,7 @@ def _config(args: argparse.Namespace, world: int, result: str) -> dict[str, Any]
         "congestion": args.congestion, "connections": args.connections, "result": result,
         "timeout": args.timeout, "host_masters": False,
         "backend_api": getattr(args, "backend_api", False),
+        "encrypt": getattr(args, "encrypt", False), "secret_file": os.path.join(os.path.dirname(result), "secret"),
     }
 
 
@@ -244,11 +282,11 @@ def _wait(procs: list[subprocess.Popen[Any]], timeout: float) -> None:
 def _run_loopback(args: argparse.Namespace, world: int, result: str) -> None:
     import pccl
 
-    masters = [pccl.Master(host="127.0.0.1", port=0) for _ in range(len(args.congestion) * len(args.connections))]
+    cfg = _config(args, world, result)
+    masters = [pccl.Master(host="127.0.0.1", port=0, **_secured(cfg, enc)) for *_, enc in _settings(cfg)]
     for master in masters:
         master.start()
     try:
-        cfg = _config(args, world, result)
         cfg.update(master_host="127.0.0.1", master_ports=[m.port for m in masters],
                    store=f"tcp://127.0.0.1:{_free_port()}")
         # Thread limits reach the children before torch sizes its pools.
@@ -264,7 +302,7 @@ def _run_wan(args: argparse.Namespace, world: int, result: str) -> None:
     if world != 2:
         raise SystemExit("--wan joins exactly two namespaces: use --world 2")
     cfg = _config(args, world, result)
-    ports = [WAN_MASTER_PORT + 10 * i for i in range(len(args.congestion) * len(args.connections))]
+    ports = [WAN_MASTER_PORT + 10 * i for i in range(len(_settings(cfg)))]
     cfg.update(master_host="{addr_b}", master_ports=ports, store=f"tcp://{{addr_b}}:{WAN_STORE_PORT}")
     wan = [sys.executable, "-m", "stress.wan", "--rtt", str(args.wan), "--timeout", str(args.timeout)]
     if args.rate_mbit is not None:
@@ -297,12 +335,21 @@ def ratio_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark, print the tables, write ``args.json_path``; returns the exit status."""
+    """Run the benchmark, print the tables, write ``args.json_path`` (and ``args.plot``);
+    returns the exit status.
+
+    Raises:
+        pccl.plot.PlotUnavailableError: ``--plot`` without matplotlib (before anything runs).
+        RuntimeError: a worker process failed.
+    """
+    check_plot(args)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # One line per collective would cost the masters (in this process) time on every op.
         logging.getLogger("pccl.master").setLevel(logging.WARNING)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pccl-bench-ar-") as tmp:
+        if getattr(args, "encrypt", False):
+            _write_secret(os.path.join(tmp, "secret"))
         for world in args.world:
             result = os.path.join(tmp, f"world{world}.json")
             if args.wan is not None:
@@ -318,11 +365,82 @@ def run(args: argparse.Namespace) -> int:
     if ratios:
         print()
         print(format_table(ratios, RATIO_COLUMNS))
+    extra = _report_encryption(rows) if getattr(args, "encrypt", False) else {}
     if args.json_path:
         write_json(args.json_path, {"meta": {"mode": mode, "iters": args.iters, "cores": os.cpu_count(),
                                              "connections": args.connections},
-                                    "rows": rows, "ratios": ratios})
+                                    "rows": rows, "ratios": ratios, **extra})
+    if getattr(args, "plot", None):
+        from pccl import plot
+
+        write_plot(args.plot, plot.allreduce_figure(rows, title=f"all-reduce bus bandwidth, {mode}"))
     return 0
+
+
+# --- --encrypt -------------------------------------------------------------------------------
+
+ENCRYPT_COLUMNS = [
+    ("impl", "impl", "s"),
+    ("world", "world", "d"),
+    ("mib", "MiB", "g"),
+    ("plain_s", "plain s", ".4f"),
+    ("encrypted_s", "encrypted s", ".4f"),
+    ("overhead", "encrypted / plain", ".2f"),
+]
+
+
+def _secured(cfg: dict[str, Any], encrypt: bool) -> dict[str, Any]:
+    """Master / Communicator options of an encrypted setting (none for a plain one)."""
+    return {"secret_file": cfg["secret_file"], "encrypt": True} if encrypt else {}
+
+
+def _write_secret(path: str) -> None:
+    """A fresh random secret, readable by this user only (``docs/security.md``)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+def encrypt_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Encrypted vs plain time of every encrypted row whose plain twin ran in the same run."""
+    plain = {(r["impl"], r["world"], r["mib"]): r["seconds"] for r in rows if not r.get("encrypt")}
+    out = []
+    for r in rows:
+        twin = r["impl"].replace("-enc", "", 1)
+        ref = plain.get((twin, r["world"], r["mib"])) if r.get("encrypt") else None
+        if ref is not None:
+            out.append({"impl": twin, "world": r["world"], "mib": r["mib"], "plain_s": ref,
+                        "encrypted_s": r["seconds"], "overhead": r["seconds"] / ref})
+    return out
+
+
+def aes_gcm_gbps(size: int = 1 << 20, rounds: int = 5, reps: int = 50) -> dict[str, float]:
+    """Single-thread AES-256-GCM GB/s sealing and opening ``size``-byte messages (best of ``rounds``)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead = AESGCM(secrets.token_bytes(32))
+    plain, nonce, aad = bytearray(secrets.token_bytes(size)), bytes(12), bytes(48)
+    sealed = bytearray(size + 16)
+    best = {"encrypt": 0.0, "decrypt": 0.0}
+    for _ in range(rounds):
+        for name, fn in (("encrypt", lambda: aead.encrypt_into(nonce, plain, aad, sealed)),
+                         ("decrypt", lambda: aead.decrypt_into(nonce, sealed, aad, plain))):
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best[name] = max(best[name], size * reps / (time.perf_counter() - start) / 1e9)
+    return {f"aes_gcm_{k}_gbps": v for k, v in best.items()}
+
+
+def _report_encryption(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Print the overhead table and the AES-GCM figure; what goes into the JSON file."""
+    overhead = encrypt_rows(rows)
+    micro = aes_gcm_gbps()
+    print()
+    print(format_table(overhead, ENCRYPT_COLUMNS))
+    print(f"AES-256-GCM on 1 MiB messages, one thread: encrypt {micro['aes_gcm_encrypt_gbps']:.2f} GB/s, "
+          f"decrypt {micro['aes_gcm_decrypt_gbps']:.2f} GB/s")
+    return {"encrypt_overhead": overhead, "aes_gcm": micro}
 
 
 class _BackendApi:

@@ -1,5 +1,5 @@
 """Helpers every ``pccl bench`` module shares: argument types, statistics,
-thread limits, the printed table and the JSON file."""
+thread limits, the printed table, the JSON file and the ``--plot`` figure."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import math
 import os
 import statistics
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Environment variables that size the thread pools of torch / BLAS / OpenMP.
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -105,3 +108,35 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, target)
+
+
+def add_plot_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """Declare ``--plot PATH`` (``what``: the figure, for the help text)."""
+    parser.add_argument(
+        "--plot", metavar="PATH", default=None,
+        help=f"also draw {what} to PATH (.png, .svg or .pdf; needs matplotlib: pip install 'pccl[plot]')",
+    )
+
+
+def check_plot(args: argparse.Namespace) -> None:
+    """Fail before the benchmark runs when ``--plot`` was given but cannot be honoured.
+
+    Raises:
+        pccl.plot.PlotUnavailableError: matplotlib is not installed.
+    """
+    if getattr(args, "plot", None):
+        from pccl import plot
+
+        plot.require()
+
+
+def write_plot(path: str | os.PathLike[str], figure: "Figure") -> None:
+    """Save ``figure`` to ``path`` and say so on stdout.
+
+    Raises:
+        OSError: the file could not be written.
+    """
+    from pccl import plot
+
+    plot.save(figure, path)
+    print(f"plot written to {os.fspath(path)}")

@@ -12,7 +12,12 @@ A master runs in this process; every peer is its own process on this machine.
   joins for each of ``--repeat`` rounds.
 
 Goals (loopback): join < 0.5 s, SIGKILL detection < 1 s, SIGSTOP detection
-<= heartbeat timeout + 0.5 s. The table shows the median, min and max of the repeats.
+<= heartbeat timeout + 0.5 s. The table shows the median, min and max of the repeats;
+``--plot PATH`` draws them as bars with the goals.
+
+examples:
+  pccl bench membership --json membership.json
+  pccl bench membership --peers 8 --repeat 10 --heartbeat-timeout 1 --plot membership.png
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import threading
 import time
 from typing import Any, Sequence
 
-from pccl.bench.common import format_table, thread_env, write_json
+from pccl.bench.common import add_plot_argument, check_plot, format_table, thread_env, write_json, write_plot
+from pccl.progress import Progress, progress
 
 COLUMNS = [
     ("event", "event", "s"), ("peers", "peers", "d"), ("seconds", "median s", ".3f"),
@@ -153,7 +159,8 @@ def _accept(master: Any, voters: list[_Peer], newcomer: _Peer) -> None:
             raise RuntimeError("accepting a peer failed")
 
 
-def measure_join(master: Any, peers: int, repeat: int) -> list[float]:
+def measure_join(master: Any, peers: int, repeat: int, bar: Progress[Any] | None = None) -> list[float]:
+    """Join latencies (seconds) of ``repeat`` newcomers to a run of ``peers`` busy peers."""
     loopers = [_Peer(master.address)]
     procs = list(loopers)
     try:
@@ -174,13 +181,18 @@ def measure_join(master: Any, peers: int, repeat: int) -> list[float]:
                 raise RuntimeError(f"newcomer saw world size {reply['world']}, expected {peers + 1}")
             samples.append(reply["end"] - reply["start"])
             newcomer.call("close")
+            if bar is not None:
+                bar.update(1, event="join")
         return samples
     finally:
         for proc in procs:
             proc.kill()
 
 
-def measure_detection(master: Any, peers: int, repeat: int, how: signal.Signals) -> list[float]:
+def measure_detection(
+    master: Any, peers: int, repeat: int, how: signal.Signals, bar: Progress[Any] | None = None
+) -> list[float]:
+    """Seconds from signalling a victim (``how``) to the last survivor's ``PeerLostError``."""
     survivors = [_Peer(master.address)]
     procs = list(survivors)
     try:
@@ -206,6 +218,8 @@ def measure_detection(master: Any, peers: int, repeat: int, how: signal.Signals)
                 raise RuntimeError(f"survivors did not see the abort: {replies}")
             samples.append(max(r["end"] for r in replies) - fault)
             victim.kill()
+            if bar is not None:
+                bar.update(1, event=how.name.lower())
         return samples
     finally:
         for proc in procs:
@@ -229,15 +243,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=int, default=4, help="peers in the run (default 4)")
     parser.add_argument("--repeat", type=int, default=5, help="measurements per event (default 5)")
     parser.add_argument("--heartbeat-timeout", type=float, default=2.0, help="master heartbeat timeout (s)")
+    add_plot_argument(parser, "the latencies as bars with their goals")
     parser.add_argument("--worker", metavar="MASTER", help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark, print the table, write ``args.json``; returns the exit status."""
+    """Run the benchmark, print the table, write ``args.json`` (and ``args.plot``); returns the
+    exit status.
+
+    Raises:
+        pccl.plot.PlotUnavailableError: ``--plot`` without matplotlib (before anything runs).
+        RuntimeError: a peer process misbehaved or did not answer.
+    """
     from pccl.master import Master
 
     if args.worker:
         return _worker(args.worker)
+    check_plot(args)
     if args.peers < 2 or args.repeat < 1:
         print("pccl bench membership: needs --peers >= 2 and --repeat >= 1", file=sys.stderr)
         return 2
@@ -245,18 +267,24 @@ def run(args: argparse.Namespace) -> int:
         # One log line per join/vote/kick would bury the table; -v shows them.
         logging.getLogger("pccl").setLevel(logging.WARNING)
     hb = args.heartbeat_timeout
-    with Master("127.0.0.1", 0, heartbeat_timeout=hb) as master:
-        rows = [_row("join", args.peers, measure_join(master, args.peers, args.repeat), 0.5)]
-    with Master("127.0.0.1", 0, heartbeat_timeout=hb) as master:
-        kill = measure_detection(master, args.peers, args.repeat, signal.SIGKILL)
-        rows.append(_row("sigkill_detection", args.peers, kill, 1.0))
-        stop = measure_detection(master, args.peers, args.repeat, signal.SIGSTOP)
-        rows.append(_row("sigstop_detection", args.peers, stop, hb + 0.5))
+    with progress(3 * args.repeat, "membership", unit="measurement") as bar:
+        with Master("127.0.0.1", 0, heartbeat_timeout=hb) as master:
+            rows = [_row("join", args.peers, measure_join(master, args.peers, args.repeat, bar), 0.5)]
+        with Master("127.0.0.1", 0, heartbeat_timeout=hb) as master:
+            kill = measure_detection(master, args.peers, args.repeat, signal.SIGKILL, bar)
+            rows.append(_row("sigkill_detection", args.peers, kill, 1.0))
+            stop = measure_detection(master, args.peers, args.repeat, signal.SIGSTOP, bar)
+            rows.append(_row("sigstop_detection", args.peers, stop, hb + 0.5))
     meta = {"heartbeat_timeout": hb, "repeat": args.repeat, "cpus": os.cpu_count(), "statistic": "median"}
     print(f"membership latencies on loopback, heartbeat timeout {hb:g} s, median of {args.repeat}")
     print(format_table(rows, COLUMNS))
     if args.json:
         write_json(args.json, {"rows": rows, "meta": meta})
+    if args.plot:
+        from pccl import plot
+
+        title = f"membership latencies, {args.peers} peers, heartbeat timeout {hb:g} s"
+        write_plot(args.plot, plot.membership_figure(rows, title=title))
     return 0
 
 

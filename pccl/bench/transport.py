@@ -16,7 +16,13 @@ buffer, outside the timed part) and poisons its buffer before the next one.
 
 With ``--wan RTT_MS`` the two processes run in the two network namespaces of
 an emulated long-fat link (``python -m stress.wan``, root only) with
-``--buffer-cap`` on the namespaces' TCP buffer autotuning.
+``--buffer-cap`` on the namespaces' TCP buffer autotuning. ``--plot PATH`` draws
+throughput against connections, link and plain socket side by side.
+
+examples:
+  pccl bench transport --connections 1,2,4,8 --size-mib 1024 --json transport.json
+  pccl bench transport --size-mib 8 --repeat 2 --json t.json --plot transport.png
+  sudo pccl bench transport --connections 1,8 --wan 50 --buffer-cap 4194304 --json wan.json
 """
 
 from __future__ import annotations
@@ -38,7 +44,19 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import xxhash
 
-from pccl.bench.common import format_table, gbps, int_list, str_list, summarize, thread_env, write_json
+from pccl.bench.common import (
+    add_plot_argument,
+    check_plot,
+    format_table,
+    gbps,
+    int_list,
+    str_list,
+    summarize,
+    thread_env,
+    write_json,
+    write_plot,
+)
+from pccl.progress import Progress, progress
 from transport.link import Link, connect_link
 from transport.loop import LoopThread
 from transport.server import Server, start_server
@@ -311,8 +329,10 @@ def receiver_main(host: str, port: int) -> int:
 class Sender:
     """Drives the run: opens plain sockets and links, sends, collects timings."""
 
-    def __init__(self, ctl: Control, host: str, nbytes: int, warmup_bytes: int, repeat: int) -> None:
+    def __init__(self, ctl: Control, host: str, nbytes: int, warmup_bytes: int, repeat: int,
+                 bar: Progress[Any] | None = None) -> None:
         self.ctl, self.host = ctl, host
+        self.bar = bar
         self.nbytes, self.warmup_bytes, self.repeat = nbytes, warmup_bytes, repeat
         self.lt = LoopThread("bench-send")
         self.words = np.empty(nbytes // 8, dtype=np.uint64)
@@ -357,6 +377,8 @@ class Sender:
                     seconds = self._one(via, send[via], self.nbytes if i else self.warmup_bytes)
                     if i:  # round 0 is the warm-up
                         samples[via].append(seconds)
+                    if self.bar is not None:
+                        self.bar.update(1, cc=congestion, conns=connections)
         return {"samples": samples["link"], "baseline_samples": samples["plain"],
                 "link_congestion": ",".join(sorted({str(c.congestion) for c in link.connections})),
                 "baseline_congestion": plain_cc}
@@ -384,7 +406,10 @@ def sender_main(args: argparse.Namespace) -> int:
     nbytes = _mib_bytes(args.size_mib)
     warmup = min(nbytes, _mib_bytes(args.warmup_mib))
     info = ctl.call(op="alloc", bytes=nbytes)
-    sender = Sender(ctl, args.host, nbytes, warmup, args.repeat)
+    # One step per transfer: plain and link, warm-up included, for every row.
+    bar: Progress[Any] = progress(len(args.congestion) * len(args.connections) * (args.repeat + 1) * 2,
+                                  "transport", unit="transfer")
+    sender = Sender(ctl, args.host, nbytes, warmup, args.repeat, bar)
     rows: list[dict[str, Any]] = []
     try:
         for congestion in args.congestion:
@@ -397,7 +422,9 @@ def sender_main(args: argparse.Namespace) -> int:
                              # _one() raised unless every transfer arrived intact
                              "congestion": congestion, "verified": True, **row})
         ctl.call(op="bye")
+        bar.close()
     finally:
+        bar.close(failed=True)  # no-op after a clean close
         sender.stop()
         ctl.close()
     meta = {"statistic": f"median of {args.repeat}", "warmup_mib": warmup / (1 << 20),
@@ -427,6 +454,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-mbit", type=float, default=None, help="with --wan: rate cap per direction")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after SECONDS")
     parser.add_argument("--json", required=True, help="write the rows to this JSON file")
+    add_plot_argument(parser, "throughput against connections (striped link and plain socket)")
 
 
 def _worker_cmd(role: str, args: argparse.Namespace, host: str, port: int, result: str) -> list[str]:
@@ -474,8 +502,19 @@ COLUMNS = [("congestion", "cc", "s"), ("connections", "conns", "d"), ("mib", "Mi
            ("baseline_congestion", "plain cc", "s")]
 
 
+def _sizes_mib(rows: list[dict[str, Any]]) -> str:
+    """The transfer size of ``rows`` in MiB, as text (all rows of one run share it)."""
+    return ",".join(sorted({f"{r['mib']:g}" for r in rows}))
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark, print the table, write ``args.json``; returns the exit status."""
+    """Run the benchmark, print the table, write ``args.json`` (and ``args.plot``); returns the
+    exit status.
+
+    Raises:
+        pccl.plot.PlotUnavailableError: ``--plot`` without matplotlib (before anything runs).
+    """
+    check_plot(args)
     env = thread_env(1)
     with tempfile.TemporaryDirectory(prefix="pccl-bench-") as tmp:
         result = os.path.join(tmp, "rows.json")
@@ -496,6 +535,11 @@ def run(args: argparse.Namespace) -> int:
           f"sender {meta['sender_congestion_default']}, receiver {meta['receiver_congestion_default']}")
     print(format_table(table, COLUMNS))
     write_json(args.json, data)
+    if args.plot:
+        from pccl import plot
+
+        title = f"striped link vs plain socket ({meta['mode']}, {_sizes_mib(table)} MiB per transfer)"
+        write_plot(args.plot, plot.transport_figure(table, title=title))
     return 0
 
 
