@@ -58,13 +58,15 @@ class Options:
     ``quantization``: applied to floating-point all-reduces (SUM/AVG); ``connections``:
     TCP connections per ring link; ``heartbeat_timeout``: seconds of silence after which
     the embedded master drops a rank; ``secret``: shared secret of the run (default
-    ``PCCL_SECRET``).
+    ``PCCL_SECRET``); ``encrypt``: seal every connection with AES-GCM (needs a secret;
+    default ``PCCL_ENCRYPT=1``; see docs/security.md).
     """
 
     quantization: Quantization | None = None
     connections: int = 4
     heartbeat_timeout: float = 5.0
     secret: str | None = None
+    encrypt: bool | None = None
 
 
 class _Work(dist.Work):
@@ -567,10 +569,11 @@ def _create(backend_opts: Any, options: Options | None) -> ProcessGroupPCCL:
     """
     options = options if isinstance(options, Options) else Options()
     secret = options.secret or os.environ.get("PCCL_SECRET") or None
+    encrypt = options.encrypt if options.encrypt is not None else os.environ.get("PCCL_ENCRYPT") == "1"
     rank, size, timeout = backend_opts.group_rank, backend_opts.group_size, backend_opts.timeout
     try:
         joined = join(backend_opts.store, rank, size, timeout, connections=options.connections,
-                      heartbeat_timeout=options.heartbeat_timeout, secret=secret)
+                      heartbeat_timeout=options.heartbeat_timeout, secret=secret, encrypt=encrypt)
     except PCCLError as exc:
         raise dist.DistBackendError(f"pccl backend rendezvous failed: {type(exc).__name__}: {exc}") from exc
     return ProcessGroupPCCL(joined, rank, size, timeout, options, backend_opts.store, backend_opts.group_id)

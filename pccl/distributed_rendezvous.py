@@ -70,12 +70,16 @@ def _bind_host(host: str) -> str:
     return "0.0.0.0"
 
 
-def _start_master(store: Any, heartbeat_timeout: float, secret: str | None) -> tuple[Master | None, str]:
+def _start_master(
+    store: Any, heartbeat_timeout: float, secret: str | None, encrypt: bool
+) -> tuple[Master | None, str]:
     external = os.environ.get("PCCL_MASTER")
     if external:
         return None, external
     host = master_host(store)
-    master = Master(host=_bind_host(host), port=0, secret=secret, heartbeat_timeout=heartbeat_timeout)
+    master = Master(
+        host=_bind_host(host), port=0, secret=secret, heartbeat_timeout=heartbeat_timeout, encrypt=encrypt
+    )
     master.start()
     return master, f"{host}:{master.port}"
 
@@ -89,6 +93,7 @@ def join(
     connections: int,
     heartbeat_timeout: float,
     secret: str | None,
+    encrypt: bool = False,
 ) -> Joined:
     """Bring every rank into one pccl ring whose order is the rank order.
 
@@ -100,10 +105,10 @@ def join(
     store.set_timeout(timeout)
     master: Master | None = None
     if rank == 0:
-        master, address = _start_master(store, heartbeat_timeout, secret)
+        master, address = _start_master(store, heartbeat_timeout, secret, encrypt)
         store.set(_KEY + "master", address)
     address = store.get(_KEY + "master").decode()
-    comm = Communicator(address, connections=connections, secret=secret)
+    comm = Communicator(address, connections=connections, secret=secret, encrypt=encrypt)
     try:
         if rank > 0:
             store.wait([f"{_KEY}accepted/{rank - 1}"])

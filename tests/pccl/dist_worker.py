@@ -8,6 +8,7 @@ scenario on both, and writes ``{"failures": [...], "checked": n, ...}`` to OUT_J
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import signal
@@ -254,14 +255,20 @@ def main() -> None:
     scenario, rank, W, port, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=30)
-    options = pccl.distributed.Options(quantization=pccl.Quantization()) if scenario == "quant" else None
+    options = None
+    if scenario == "quant":
+        options = pccl.distributed.Options(quantization=pccl.Quantization())
+    elif scenario == "encrypted":
+        options = pccl.distributed.Options(secret="backend-test-secret", encrypt=True)
     dist.init_process_group("pccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W, timeout=timeout,
                             pg_options=options)
     gloo = dist.new_group(backend="gloo")
     c = Checker()
     out: dict[str, Any] = {}
-    if scenario == "collectives":
+    if scenario in ("collectives", "encrypted"):
         collectives(rank, W, gloo, c)
+        backends = [o for o in gc.get_objects() if isinstance(o, pccl.distributed.ProcessGroupPCCL)]
+        out["encrypt"] = [b._joined.comm._settings.encrypt for b in backends]
     elif scenario == "ddp":
         ddp(rank, W, gloo, c, out)
     elif scenario == "fsdp":

@@ -68,6 +68,16 @@ def test_collectives_match_gloo(world: int, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
+def test_encrypted_collectives_from_options(tmp_path: Path) -> None:
+    reports = run_ranks("encrypted", 2, tmp_path)
+    for rank, rep in enumerate(reports):
+        assert "missing" not in rep, f"rank {rank} wrote no report:\n{rep.get('missing')}"
+        assert rep["failures"] == [], f"rank {rank}: {rep['failures']}"
+        assert rep["checked"] > 80
+        assert rep["encrypt"] == [True]
+
+
+@pytest.mark.timeout(90)
 def test_ddp_matches_gloo(tmp_path: Path) -> None:
     reports = run_ranks("ddp", 2, tmp_path)
     for rank, rep in enumerate(reports):
