@@ -26,7 +26,7 @@ from .buffers import BufferPool
 from .quantize import Workspace
 from .schedule import Phase, ag_recv_chunk, ag_send_chunk, piece_bounds, piece_count, transfer_seq
 
-__all__ = ["AllGather", "Broadcast", "Operation", "RingPeers", "Scratch", "byte_view"]
+__all__ = ["AllGather", "Broadcast", "Operation", "RingPeers", "Scratch", "WriteGuard", "byte_view"]
 
 RS, AG, BCAST = Phase.REDUCE_SCATTER, Phase.ALL_GATHER, Phase.BROADCAST
 
@@ -60,6 +60,21 @@ class RingPeers(Protocol):
     def forget(self, tag: int) -> None: ...
 
     def abort(self, tag: int, reason: str) -> None: ...
+
+
+class WriteGuard(Protocol):
+    """Says when elements of an all-reduce's destination may be written (``ring_all_reduce(guard=)``).
+
+    - ``is_writable(start, stop)``: whether ``dst[start:stop]`` may be written now;
+    - ``writable(start, stop)``: returns once it may.
+    The executor neither writes ``dst[start:stop]`` nor posts a receive into it before then,
+    so a caller can still be copying the original values out (a backup made while the ring
+    already runs in place).
+    """
+
+    def is_writable(self, start: int, stop: int) -> bool: ...
+
+    async def writable(self, start: int, stop: int) -> None: ...
 
 
 def byte_view(t: torch.Tensor) -> memoryview:

@@ -13,7 +13,7 @@ import torch
 
 from . import ops
 from .buffers import BufferPool
-from .engine import AG, RS, Operation, RingPeers, Scratch, byte_view
+from .engine import AG, RS, Operation, RingPeers, Scratch, WriteGuard, byte_view
 from .quantize import decode, encode, encoded_size
 from .schedule import (
     ag_recv_chunk,
@@ -33,7 +33,8 @@ class AllReduce(Operation):
 
     Partial sums of chunk ``c`` live in ``dst``'s chunk ``c`` until its final value overwrites
     them. Out of place, every receive lands straight in ``dst``; in place, reduce-scatter
-    receives land in (up to) two scratch pieces per worker first.
+    receives land in (up to) two scratch pieces per worker first. With a ``guard``, piece ``p``
+    of ``dst`` is written (and receives into it posted) only once the guard allows it.
     """
 
     def __init__(
@@ -48,9 +49,10 @@ class AllReduce(Operation):
         pool: BufferPool,
         window: int,
         offload: bool,
+        guard: WriteGuard | None = None,
     ) -> None:
         w = peers.world_size
-        self.src, self.dst, self.op, self.quant = src, dst, op, quant
+        self.src, self.dst, self.op, self.quant, self.guard = src, dst, op, quant, guard
         self.inplace = src.data_ptr() == dst.data_ptr()
         self.chunks = [chunk_bounds(src.numel(), w, c) for c in range(w)]
         longest = max(b - a for a, b in self.chunks)
@@ -88,16 +90,24 @@ class AllReduce(Operation):
         return st
 
     async def _piece(self, p: int, st: Scratch) -> None:
+        if self.guard is not None:
+            for c in range(self.world):  # every chunk's piece p may be written from here on
+                await self.guard.writable(*self.bounds(c, p))
         if self.quant is None:
             await self._piece_plain(p, st)
         else:
             await self._piece_quant(p, st, self.quant)
 
+    def _writable(self, p: int) -> bool:
+        """Whether piece ``p`` of ``dst`` may be written now (always, without a guard)."""
+        guard = self.guard
+        return guard is None or all(guard.is_writable(*self.bounds(c, p)) for c in range(self.world))
+
     async def _piece_plain(self, p: int, st: Scratch) -> None:
         r, w = self.rank, self.world
         nxt = p + self._workers if p + self._workers < self.pieces else None
         ag_recvs, rs_recvs = self._post_dst(p)
-        if nxt is not None:
+        if nxt is not None and self._writable(nxt):
             self._post_dst(nxt)  # early, so its data lands in place rather than in a side buffer
         a, b = self.bounds(rs_send_chunk(r, 0, w), p)
         sends = [self._spawn(self._send(RS, 0, p, byte_view(self.src[a:b])))] if b > a else []

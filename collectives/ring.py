@@ -42,7 +42,7 @@ import torch
 from transport.errors import InvalidUsageError
 
 from .buffers import BufferPool
-from .engine import AllGather, Broadcast, RingPeers
+from .engine import AllGather, Broadcast, RingPeers, WriteGuard
 from .reduce import AllReduce, ReduceScatter
 from .schedule import DEFAULT_PIECE_BYTES, chunk_bounds
 from .types import Quantization, ReduceOp, check_dtype
@@ -127,10 +127,13 @@ async def ring_all_reduce(
     pool: BufferPool | None = None,
     window: int | None = None,
     offload: bool = False,
+    guard: WriteGuard | None = None,
 ) -> tuple[int, int]:
     """Reduce ``src`` over the ring into ``dst`` on every rank; ``dst`` may be ``src`` (in place).
 
     On success every rank's ``dst`` holds bit-identical values. World size 1 copies ``src``.
+    ``guard`` (CPU tensors): no element of ``dst`` is written, and no receive into it posted,
+    before the guard allows it (``collectives.engine.WriteGuard``).
 
     Raises:
         InvalidUsageError: tensors of different dtype/length, non-contiguous, partly overlapping,
@@ -159,9 +162,11 @@ async def ring_all_reduce(
     win = _window(window, piece_bytes)
     if peers.world_size == 1:
         if _span(s) != _span(d):
+            if guard is not None:
+                await guard.writable(0, d.numel())
             d.copy_(s)
         return 0, 0
-    engine = AllReduce(peers, tag, s, d, op, quantization, piece_bytes, pool or BufferPool(), win, offload)
+    engine = AllReduce(peers, tag, s, d, op, quantization, piece_bytes, pool or BufferPool(), win, offload, guard)
     return await engine.execute()
 
 

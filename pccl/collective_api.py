@@ -77,6 +77,7 @@ class _State:
         self.backups = HostBuffers()  # in-place backups; taken in callers' threads
         self.tags: set[int] = set()  # user tags in flight; touched on the loop thread only
         self._pinned: HostBuffers | None = None
+        self._copier: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def pinned(self) -> HostBuffers:
@@ -85,11 +86,22 @@ class _State:
                 self._pinned = HostBuffers(pinned=True)
             return self._pinned
 
+    def copier(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread that copies large in-place backups while their ring runs."""
+        with self._lock:
+            if self._copier is None:
+                self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pccl-backup")
+            return self._copier
+
     def clear(self) -> None:
         self.pool.clear()
         self.backups.clear()
         if self._pinned is not None:
             self._pinned.clear()
+        with self._lock:
+            copier, self._copier = self._copier, None
+        if copier is not None:
+            copier.shutdown(wait=True)
 
 
 def _settle(cf: concurrent.futures.Future[T], task: asyncio.Task[T]) -> None:
@@ -147,7 +159,7 @@ class CollectivesMixin:
             MasterConnectionError: kicked, or the master is gone.
         """
         session, tag, desc, staged, body = self._prepare_reduce(tensor, op, out, tag, quantization, 1)
-        return self._run_blocking(session, tag, desc, staged, body)
+        return self._run_blocking(session, tag, desc, staged, body, _replayable(staged))
 
     def all_reduce_async(
         self,
@@ -168,7 +180,7 @@ class CollectivesMixin:
             MasterConnectionError: kicked, or the master is gone.
         """
         session, tag, desc, staged, body = self._prepare_reduce(tensor, op, out, tag, quantization, 1)
-        return ReduceHandle(self._run_async(session, tag, desc, staged, body), tag)
+        return ReduceHandle(self._run_async(session, tag, desc, staged, body, _replayable(staged)), tag)
 
     def all_reduce_multiple_with_retry(
         self,
@@ -214,7 +226,7 @@ class CollectivesMixin:
 
         def start(i: int) -> concurrent.futures.Future[ReduceInfo]:
             _, tag, desc, staged, body = self._prepare_reduce(tensors[i], op, None, i, quantization, 2)
-            return self._run_async(session, tag, desc, staged, body)
+            return self._run_async(session, tag, desc, staged, body, _replayable(staged))
 
         return reduce_multiple_with_retry(len(tensors), max_in_flight, start)
 
@@ -243,7 +255,10 @@ class CollectivesMixin:
                 raise InvalidUsageError("out partly overlaps tensor; pass out=None (in place) or a separate tensor")
             staged = stage_out_of_place(tensor, out, self._coll.pinned)
         else:
-            staged = stage_in_place(tensor, self._coll.backups, self._coll.pinned)
+            # A large backup is copied while the ring already runs (in place, so the call is
+            # not replayable and waits for the master's start, docs/protocol.md §5.6.2).
+            background = (self._coll.copier(), len(session.ring))
+            staged = stage_in_place(tensor, self._coll.backups, self._coll.pinned, overlap=background)
         desc = descriptor("all_reduce", tensor, op, quant)
         return session, tag, desc, staged, self._reduce_body(staged, op, quant, min_world)
 
@@ -259,7 +274,9 @@ class CollectivesMixin:
                 if not staged.in_place:
                     staged.dst.copy_(staged.src)
                 return ReduceInfo(1, 0, 0)
-            tx, rx = await ring_all_reduce(ctx.peers, ctx.op_id, staged.src, staged.dst, op, quant, pool=pool)
+            tx, rx = await ring_all_reduce(
+                ctx.peers, ctx.op_id, staged.src, staged.dst, op, quant, pool=pool, guard=staged.guard
+            )
             return ReduceInfo(ctx.world_size, tx, rx)
 
         return body
@@ -312,7 +329,7 @@ class CollectivesMixin:
             return ReduceInfo(ctx.world_size, tx, rx)
 
         desc = descriptor("reduce_scatter", tensor, op, quant)
-        return self._run_blocking(session, tag, desc, staged, body)
+        return self._run_blocking(session, tag, desc, staged, body, _replayable(staged))
 
     def all_gather(self, tensor: torch.Tensor, *, tag: int = 0) -> list[torch.Tensor]:
         """Every member's ``tensor`` (same dtype and numel everywhere), in ring order.
@@ -338,7 +355,8 @@ class CollectivesMixin:
                 await ring_all_gather(ctx.peers, ctx.op_id, staged.src, flat, pool=pool)
             return ctx.world_size, flat
 
-        world, flat = self._run_blocking(session, tag, descriptor("all_gather", tensor), staged, body)
+        # Replayable: the body only reads the input and fills a tensor of its own.
+        world, flat = self._run_blocking(session, tag, descriptor("all_gather", tensor), staged, body, True)
         if tensor.device.type == "cuda":
             flat = flat.to(tensor.device)
         return [flat[r * n : (r + 1) * n].view(tensor.shape) for r in range(world)]
@@ -372,36 +390,37 @@ class CollectivesMixin:
             return ReduceInfo(ctx.world_size, tx, rx)
 
         desc = descriptor("broadcast", tensor, root=root_peer)
-        return self._run_blocking(session, tag, desc, staged, body)
+        # Replayable: the root only reads, the others overwrite all of their tensor.
+        return self._run_blocking(session, tag, desc, staged, body, True)
 
     # -- running an operation ------------------------------------------------------------------
 
     def _run_blocking(
-        self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T]
+        self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T], replayable: bool
     ) -> T:
         assert self._thread is not None
-        return self._thread.run(self._reserved(session, tag, desc, staged, body))
+        return self._thread.run(self._reserved(session, tag, desc, staged, body, replayable))
 
     def _run_async(
-        self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T]
+        self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T], replayable: bool
     ) -> concurrent.futures.Future[T]:
         assert self._thread is not None
-        return self._thread.run(self._start(session, tag, desc, staged, body))
+        return self._thread.run(self._start(session, tag, desc, staged, body, replayable))
 
     async def _reserved(
-        self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T]
+        self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T], replayable: bool
     ) -> T:
         self._reserve(session, tag, staged)
-        return await self._execute(session, tag, desc, staged, body)
+        return await self._execute(session, tag, desc, staged, body, replayable)
 
     async def _start(
-        self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T]
+        self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T], replayable: bool
     ) -> concurrent.futures.Future[T]:
         """Reserve ``tag`` (so misuse raises at the call) and run the operation as a task."""
         self._reserve(session, tag, staged)
         cf: concurrent.futures.Future[T] = concurrent.futures.Future()
         cf.set_running_or_notify_cancel()
-        task = asyncio.get_running_loop().create_task(self._execute(session, tag, desc, staged, body))
+        task = asyncio.get_running_loop().create_task(self._execute(session, tag, desc, staged, body, replayable))
         task.add_done_callback(lambda t: _settle(cf, t))
         return cf
 
@@ -424,12 +443,16 @@ class CollectivesMixin:
         self._coll.tags.add(tag)
 
     async def _execute(
-        self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T]
+        self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T], replayable: bool
     ) -> T:
-        """Run a reserved operation; restore the caller's tensor on any failure (§5.6.1)."""
+        """Run a reserved operation; restore the caller's tensor on any failure (§5.6.1).
+
+        ``replayable``: ``body`` may run twice, so it may start before the master's answer
+        (``docs/protocol.md`` §5.6.2).
+        """
         try:
             try:
-                result = await session.run_collective(tag, desc, body)
+                result = await session.run_collective(tag, desc, body, replayable=replayable)
             except BaseException:
                 # Nothing writes into the buffers any more: a failed or cancelled body has
                 # been waited for and its tag forgotten before run_collective raises.
@@ -440,6 +463,12 @@ class CollectivesMixin:
         finally:
             self._coll.tags.discard(tag)
             staged.release()
+
+
+def _replayable(staged: Staged) -> bool:
+    """A reduction may run twice (an optimistic start that the master does not confirm is
+    run again, ``docs/protocol.md`` §5.6.2) when it never writes what it reads."""
+    return not overlap(staged.src, staged.dst)
 
 
 def _check_disjoint(tensors: list[torch.Tensor]) -> None:

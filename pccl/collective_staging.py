@@ -10,8 +10,11 @@ the executor needs and back (``docs/protocol.md`` §5.6.1):
   scratch pieces an in-place ring needs), and a failure copies the backup back. The
   copy is one pass over the tensor, 15-35 % of a loopback all-reduce here (``pccl bench
   allreduce --out`` shows it): the price of a failed call leaving the tensor exactly
-  as it was. Filling the backup piece by piece during the ring was measured too and
-  used as much CPU, so the simple copy stays.
+  as it was. Filling the backup piece by piece *on the event loop* was measured too and
+  used as much CPU. So from :data:`OVERLAP_MIN_BYTES` on, the copy runs in a worker
+  thread instead (:class:`BackupFill`) while the ring already runs *in place* on the
+  tensor: the ring writes a piece only once the thread has copied it, so a region not
+  yet copied still holds its old value and a failure restores the copied ones.
 - **``out=`` on the CPU**: the ring reads the input and writes ``out``; the input is
   never written, ``out`` is unspecified after a failure; no copy at all.
 - **CUDA**: the input is copied into a pinned host buffer, the ring runs there, and
@@ -23,6 +26,9 @@ keeps, so a training loop does not allocate (and page-fault) every step.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import concurrent.futures
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -30,11 +36,14 @@ from typing import Any, Callable
 import torch
 
 from collectives import DEFAULT_PIECE_BYTES, Quantization, ReduceOp
+from collectives.schedule import chunk_bounds, piece_bounds, piece_count
 from collectives.types import check_dtype
 from pccl.errors import InvalidUsageError
 from pccl.master_collectives import MAX_TAG
 
 __all__ = [
+    "OVERLAP_MIN_BYTES",
+    "BackupFill",
     "HostBuffers",
     "Staged",
     "check_op",
@@ -47,6 +56,9 @@ __all__ = [
 ]
 
 _GRANULE = 64 * 1024  # buffer sizes are rounded up to this, so similar sizes share buffers
+#: In-place CPU tensors of at least this many bytes are backed up by a worker thread while
+#: the ring runs (:class:`BackupFill`); smaller ones are copied before the call.
+OVERLAP_MIN_BYTES = 16 << 20
 _KEEP_FREE = 8  # idle buffers kept per cache; beyond that the smallest are dropped
 
 
@@ -193,13 +205,16 @@ class Staged:
     src: torch.Tensor
     dst: torch.Tensor
     in_place: bool
+    guard: BackupFill | None = None  # the backup still being copied; pass it to the ring
     _restore: tuple[torch.Tensor, torch.Tensor] | None = None  # (target, backup)
     _publish: tuple[torch.Tensor, torch.Tensor] | None = None  # (device target, host result)
     _buffers: list[tuple[HostBuffers, torch.Tensor]] = field(default_factory=list)
 
     def failed(self) -> None:
         """Put the user's tensor back as it was before the call (in place only)."""
-        if self._restore is not None:
+        if self.guard is not None:
+            self.guard.restore()
+        elif self._restore is not None:
             target, backup = self._restore
             target.copy_(backup)
 
@@ -211,6 +226,8 @@ class Staged:
 
     def release(self) -> None:
         """Give the staging buffers back; idempotent."""
+        if self.guard is not None:
+            self.guard.finish()  # the thread may be between blocks still
         for cache, buf in self._buffers:
             cache.give(buf)
         self._buffers.clear()
@@ -235,12 +252,19 @@ def _host_copy(cache: HostBuffers, t: torch.Tensor, staged: list[tuple[HostBuffe
 
 
 def stage_in_place(
-    t: torch.Tensor, backups: HostBuffers, pinned: Callable[[], HostBuffers], *, keep: bool = True
+    t: torch.Tensor,
+    backups: HostBuffers,
+    pinned: Callable[[], HostBuffers],
+    *,
+    keep: bool = True,
+    overlap: tuple[concurrent.futures.Executor, int] | None = None,
 ) -> Staged:
     """Stage an in-place operation on ``t`` (see the module docstring).
 
     ``keep=False`` skips the backup where the caller's tensor is never written
-    (a broadcast root).
+    (a broadcast root). ``overlap=(executor, world_size)``: for an all-reduce of at
+    least :data:`OVERLAP_MIN_BYTES` on the CPU, copy the backup in ``executor`` while the
+    ring runs in place (``Staged.guard``), in the order a ring of ``world_size`` writes.
     """
     flat = _flat(t)
     buffers: list[tuple[HostBuffers, torch.Tensor]] = []
@@ -250,6 +274,13 @@ def stage_in_place(
             return Staged(host, host, True, _publish=(flat, host) if keep else None, _buffers=buffers)
         if not keep or flat.numel() == 0:
             return Staged(flat, flat, True)
+        nbytes = flat.numel() * flat.element_size()
+        if overlap is not None and nbytes >= OVERLAP_MIN_BYTES:
+            raw = backups.take(nbytes)
+            buffers.append((backups, raw))
+            executor, world = overlap
+            fill = BackupFill(flat, raw[:nbytes].view(flat.dtype), fill_order(flat, world), executor)
+            return Staged(flat, flat, True, guard=fill, _buffers=buffers)
         backup = _host_copy(backups, flat, buffers)
         # Out of place from the backup: the ring reads the backup, writes the tensor.
         return Staged(backup, flat, True, _restore=(flat, backup), _buffers=buffers)
@@ -257,6 +288,98 @@ def stage_in_place(
         for cache, buf in buffers:
             cache.give(buf)
         raise
+
+
+def fill_order(t: torch.Tensor, world: int, piece_bytes: int = DEFAULT_PIECE_BYTES) -> list[tuple[int, int]]:
+    """Blocks of flat ``t`` in the order an in-place ring of ``world`` ranks first writes them:
+    piece 0 of every chunk, then piece 1, ... (``docs/protocol.md`` §7.1)."""
+    n, w = t.numel(), max(1, world)
+    chunks = [chunk_bounds(n, w, c) for c in range(w)]
+    pieces = piece_count(max(b - a for a, b in chunks), t.element_size(), piece_bytes)
+    blocks = [piece_bounds(a, b, pieces, p) for p in range(pieces) for a, b in chunks]
+    return [(a, b) for a, b in blocks if b > a]
+
+
+class BackupFill:
+    """A backup copied by a worker thread while the ring already runs in place on the tensor.
+
+    The thread copies ``blocks`` (disjoint, covering the tensor) in the given order. It is the
+    ring's :class:`collectives.engine.WriteGuard`: ``await writable(a, b)`` returns once every
+    block meeting ``[a, b)`` is copied, and the ring writes nothing before. So a block not
+    copied yet holds the caller's value, and :meth:`restore` only copies back the others.
+    Waiters are woken on their event loop; everything else is thread-safe.
+    """
+
+    def __init__(
+        self,
+        target: torch.Tensor,
+        backup: torch.Tensor,
+        blocks: list[tuple[int, int]],
+        executor: concurrent.futures.Executor,
+    ) -> None:
+        self._target, self._backup, self._blocks = target, backup, blocks
+        by_position = sorted(range(len(blocks)), key=lambda i: blocks[i][0])
+        self._starts = [blocks[i][0] for i in by_position]
+        self._copy_index = by_position  # the copy index of each block, by position
+        self._done = 0  # blocks copied, in copy order
+        self._stop = False
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._job = executor.submit(self._copy)
+
+    def _copy(self) -> None:
+        for i, (a, b) in enumerate(self._blocks):
+            if self._stop:
+                break
+            self._backup[a:b].copy_(self._target[a:b])  # releases the GIL
+            with self._lock:
+                self._done = i + 1
+                woken = [w for w in self._waiters if w[0] <= i + 1]
+                self._waiters = [w for w in self._waiters if w[0] > i + 1]
+            for _, loop, fut in woken:
+                loop.call_soon_threadsafe(_wake, fut)
+
+    def _needed(self, a: int, b: int) -> int:
+        """How many blocks (in copy order) must be copied before ``[a, b)`` may be written."""
+        if a >= b:
+            return 0
+        lo = max(0, bisect.bisect_right(self._starts, a) - 1)
+        hi = bisect.bisect_left(self._starts, b)
+        return max(self._copy_index[lo:hi], default=-1) + 1
+
+    def is_writable(self, start: int, stop: int) -> bool:
+        """Whether ``[start, stop)`` is in the backup already."""
+        return self._done >= self._needed(start, stop)
+
+    async def writable(self, start: int, stop: int) -> None:
+        """Return once ``[start, stop)`` is in the backup."""
+        need = self._needed(start, stop)
+        if self._done >= need:
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self._done >= need:
+                return
+            self._waiters.append((need, loop, fut))
+        await fut
+
+    def finish(self) -> int:
+        """Stop after the block being copied and wait for the thread; the blocks copied."""
+        self._stop = True
+        if not self._job.cancel():  # not queued behind another backup any more: wait for it
+            self._job.result()
+        return self._done
+
+    def restore(self) -> None:
+        """Copy every block that reached the backup back into the tensor (the others were never written)."""
+        for a, b in self._blocks[: self.finish()]:
+            self._target[a:b].copy_(self._backup[a:b])
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():  # the waiter may have been cancelled meanwhile
+        fut.set_result(None)
 
 
 def stage_out_of_place(t: torch.Tensor, out: torch.Tensor, pinned: Callable[[], HostBuffers]) -> Staged:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import concurrent.futures
 import ipaddress
 import logging
+import os
 import socket
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 from pccl import protocol as P
 from pccl.collective_api import CollectivesMixin
 from pccl.errors import InvalidUsageError
-from pccl.master import DEFAULT_PORT
+from pccl.master import DEFAULT_PORT, load_secret
 from pccl.peer_session import CollectiveContext, PeerSession, Settings
 from pccl.shared_state import SharedState, SyncInfo, SyncStrategy
 from pccl.shared_state_sync import sync_shared_state as _sync_shared_state
@@ -80,8 +81,18 @@ class Communicator(CollectivesMixin):
     the master and to other peers. ``advertise_host``: the address other peers
     should dial (NAT, several interfaces); by default the one the master sees.
     ``p2p_host``: where to listen for peers (default: loopback if the master is on
-    loopback, else every interface). ``congestion``: TCP congestion control for
-    p2p links (``None`` keeps the system's).
+    loopback, else every interface). ``p2p_port``: the port to listen on (0: a free
+    one). ``advertise_port``: the port other peers should dial, when it differs
+    from the listening one (a port forward or proxy in front of this peer; by
+    default the listening port). ``congestion``: TCP congestion control for p2p
+    links (``None`` keeps the system's). ``secret_file``: read the secret from this
+    file instead of ``secret`` (0600). ``encrypt``: AES-GCM encryption of all this
+    peer's traffic, to the master and to peers; needs a secret, and the master must
+    encrypt too (``docs/security.md``).
+
+    Raises:
+        InvalidUsageError: a bad argument (the message says which), ``encrypt``
+            without a secret, or an unreadable secret file.
     """
 
     def __init__(
@@ -93,22 +104,35 @@ class Communicator(CollectivesMixin):
         advertise_host: str | None = None,
         *,
         p2p_host: str | None = None,
+        p2p_port: int = 0,
+        advertise_port: int | None = None,
         congestion: str | None = "cubic",
+        secret_file: str | os.PathLike[str] | None = None,
+        encrypt: bool = False,
     ) -> None:
         host, port = parse_address(master)
+        key = load_secret(secret, secret_file, encrypt)
         if not isinstance(peer_group, int) or peer_group < 0:
             raise InvalidUsageError(f"peer_group must be a non-negative int, got {peer_group!r}")
         if not isinstance(connections, int) or not 1 <= connections <= 256:
             raise InvalidUsageError(f"connections must be an int in 1..256, got {connections!r}")
+        for name, value, low in (("p2p_port", p2p_port, 0), ("advertise_port", advertise_port, 1)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 65536:
+                raise InvalidUsageError(f"{name} must be an int in {low}..65535, got {value!r}")
         self._settings = Settings(
             master_host=host,
             master_port=port,
             group=peer_group,
             connections=connections,
-            secret=secret.encode("utf-8") if isinstance(secret, str) else secret,
+            secret=key,
             advertise_host=advertise_host,
             p2p_host=p2p_host or _default_p2p_host(host),
             congestion=congestion,
+            p2p_port=p2p_port,
+            advertise_port=advertise_port,
+            encrypt=encrypt,
         )
         self._thread: LoopThread | None = None
         self._session: PeerSession | None = None
@@ -153,6 +177,12 @@ class Communicator(CollectivesMixin):
     def ring(self) -> list[int]:
         """Peer ids of this peer's group in ring order (current epoch)."""
         return list(self._live("ring").ring)
+
+    @property
+    def bandwidths(self) -> dict[tuple[int, int], float]:
+        """The group's directed bandwidths ``(sender, receiver) -> bytes/s`` as of the last
+        :meth:`optimize_topology` (empty before one); 0 marks a pair whose measurement failed."""
+        return dict(self._live("bandwidths").bandwidths)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -236,10 +266,20 @@ class Communicator(CollectivesMixin):
         return bool(result.peers_pending)
 
     def optimize_topology(self) -> None:
-        """Vote to re-order the rings; returns once the new rings are linked.
+        """Vote to re-order the rings for speed; returns once the new rings are linked.
+
+        Every accepted peer must call it. The master then has the peers measure the
+        directed bandwidths it does not know yet (short multi-connection transfers,
+        one at a time per sender and per receiver), picks for every group the ring
+        whose slowest link is fastest (ties: least summed 1/bandwidth;
+        :mod:`pccl.topology`) and every peer re-wires to its new neighbours.
+        Afterwards :attr:`ring` is the new order and :attr:`bandwidths` the matrix.
+        A failed measurement makes that pair unreachable, not the call a failure.
 
         Raises:
-            TopologyUpdateError, InvalidUsageError, MasterConnectionError: as :meth:`update_topology`.
+            TopologyUpdateError: no ring avoids the unreachable pairs (the ring is kept;
+                a retry measures them again), or a new link could not be opened.
+            InvalidUsageError, MasterConnectionError: as :meth:`update_topology`.
         """
         self._blocking("optimize_topology", lambda s: s.vote(P.OPTIMIZE_TOPOLOGY))
 

@@ -7,6 +7,12 @@ examples:
   pccl master --port 48148
   pccl master --host 127.0.0.1 --port 0 --heartbeat-timeout 2
   pccl master --secret-file /etc/pccl/secret
+  pccl master --secret-file /etc/pccl/secret --encrypt   (peers: Communicator(..., encrypt=True))
+  pccl master --status-port 48149 --status-host 127.0.0.1   (then: pccl status 127.0.0.1:48149)
+
+The status page (--status-port) is unauthenticated and read-only: it shows peer
+addresses and kick reasons to anyone who can reach it, so keep it on loopback or
+behind a firewall.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import signal
 from pathlib import Path
 
 from pccl.errors import MasterConnectionError
-from pccl.master import DEFAULT_PORT, MasterServer
+from pccl.master import DEFAULT_PORT, MasterServer, read_secret_file
 from pccl.master_state import DEFAULT_HEARTBEAT_TIMEOUT
 from transport.loop import new_event_loop
 
@@ -33,11 +39,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--secret-file", type=Path, default=None,
-        help="file holding the shared secret every peer must prove (trailing newline ignored)",
+        help="file holding the shared secret every peer must prove (trailing newline ignored; chmod 600)",
+    )
+    parser.add_argument(
+        "--encrypt", action="store_true",
+        help="encrypt all traffic of the run with AES-GCM (needs --secret-file; every peer must set encrypt=True)",
     )
     parser.add_argument(
         "--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT,
         help=f"seconds of silence after which a peer is dropped (default {DEFAULT_HEARTBEAT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--status-port", type=int, default=None, metavar="PORT",
+        help="also serve the read-only status page and status.json on this port (0 picks a free one; "
+        "unauthenticated: keep it on loopback or behind a firewall)",
+    )
+    parser.add_argument(
+        "--status-host", default=None, metavar="HOST",
+        help="address of the status page (default: the --host address)",
     )
 
 
@@ -45,15 +64,9 @@ def read_secret(path: Path | None) -> bytes | None:
     """The secret stored in ``path`` (without its trailing newline), or None.
 
     Raises:
-        OSError: the file cannot be read.
-        ValueError: the file is empty.
+        InvalidUsageError: (a ValueError) the file cannot be read or is empty.
     """
-    if path is None:
-        return None
-    secret = path.read_bytes().rstrip(b"\r\n")
-    if not secret:
-        raise ValueError(f"secret file {path} is empty")
-    return secret
+    return None if path is None else read_secret_file(path)  # warns unless the file is 0600
 
 
 async def serve(server: MasterServer, stop: asyncio.Event) -> None:
@@ -76,10 +89,22 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot read the secret: %s", exc)
         return 1
+    if args.encrypt and secret is None:
+        log.error("--encrypt needs --secret-file: the encryption keys are derived from the secret")
+        return 1
     if args.heartbeat_timeout <= 0:
         log.error("--heartbeat-timeout must be positive")
         return 1
-    server = MasterServer(args.host, args.port, secret=secret, heartbeat_timeout=args.heartbeat_timeout)
+    if args.status_port is not None and not 0 <= args.status_port < 65536:
+        log.error("--status-port must be a TCP port (0..65535)")
+        return 1
+    if args.status_host is not None and args.status_port is None:
+        log.error("--status-host needs --status-port")
+        return 1
+    server = MasterServer(
+        args.host, args.port, secret=secret, heartbeat_timeout=args.heartbeat_timeout,
+        status_port=args.status_port, status_host=args.status_host, encrypt=args.encrypt,
+    )
     loop = new_event_loop()
     stop = asyncio.Event()
 

@@ -15,6 +15,7 @@ that changed, then lets every open round make progress, until nothing changes.
 from __future__ import annotations
 
 import ipaddress
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Union
 
@@ -27,11 +28,16 @@ ElectFn = Callable[[Mapping[int, Any], "int | None"], Any]
 Optimizer = Callable[[int, list[int]], list[int]]
 
 DEFAULT_HEARTBEAT_TIMEOUT = 5.0
+# Seconds each bandwidth probe of optimize_topology transfers for (§5.12).
+DEFAULT_PROBE_SECONDS = 0.5
 # Heartbeats are sent this many times per timeout, so a few lost ones are tolerated.
 HEARTBEATS_PER_TIMEOUT = 5
 # How long a group with no valid ring waits for a departure before dropping a peer.
 MAX_DROP_GRACE = 1.0
 MAX_GROUP = 2**31 - 1
+# Kicks and departures kept for the status page (``pccl.status``): enough to see a
+# recent incident, bounded so a long run with churn does not grow the master.
+RECENT_REMOVALS = 32
 
 
 # --- events ---------------------------------------------------------------------
@@ -171,6 +177,17 @@ class GroupState:
         return not self.dirty and self.drop_at is None and self.ready >= set(self.ring)
 
 
+@dataclass(frozen=True)
+class Removal:
+    """A peer that was kicked or left, at master time ``at`` (for the status page)."""
+
+    at: float
+    peer: int
+    group: int
+    reason: str
+    error: str = ""  # the error kind of a kick; empty for a departure
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine only (127.0.0.0/8, ::1, ``localhost``)."""
     if host.lower() in ("localhost", "localhost.localdomain"):
@@ -187,7 +204,10 @@ class MasterState:
     ``heartbeat_timeout``: a peer silent for longer is kicked at the next :class:`Tick`.
     ``elect``: the shared-state election (``pccl.election.elect`` by default).
     ``optimizer``: ``(group, ring) -> new ring`` applied by an ``optimize_topology``
-    round (default: keep the order).
+    round. Without one, ``measure_bandwidth`` makes that round measure the directed
+    bandwidths the master lacks (probes of ``probe_seconds``) and apply the ring of
+    :mod:`pccl.topology` (§5.12); the server enables it. Neither: the order is kept.
+    ``bandwidth`` holds the measurements, ``(sender, receiver) -> bytes/s`` (0: failed).
     """
 
     def __init__(
@@ -196,6 +216,8 @@ class MasterState:
         *,
         elect: ElectFn | None = None,
         optimizer: Optimizer | None = None,
+        measure_bandwidth: bool = False,
+        probe_seconds: float = DEFAULT_PROBE_SECONDS,
     ) -> None:
         if heartbeat_timeout <= 0:
             raise ValueError("heartbeat_timeout must be positive")
@@ -206,15 +228,23 @@ class MasterState:
         self.heartbeat_timeout = heartbeat_timeout
         self.elect: ElectFn = elect
         self.optimizer = optimizer
+        self.measure_bandwidth = measure_bandwidth
+        self.probe_seconds = probe_seconds
+        self.bandwidth: dict[tuple[int, int], float] = {}  # measured pairs of live peers (§5.12)
         self.peers: dict[int, PeerInfo] = {}
         self.groups: dict[int, GroupState] = {}
         self.round: votes.MembershipRound | None = None
         self.kicks: dict[int, str] = {}  # every kicked peer and why (never cleared)
         self.departures: dict[int, str] = {}  # peers that left or lost their connection
-        self.ops: dict[int, tuple[int, int]] = {}  # running op_id -> (group, tag)
+        self.recent_kicks: deque[Removal] = deque(maxlen=RECENT_REMOVALS)
+        self.recent_departures: deque[Removal] = deque(maxlen=RECENT_REMOVALS)
+        # Running ops: (group, op_id) -> tag. Optimistic op ids are only unique within a
+        # group (its links are its own); counted ones are unique in the run (§5.6.2).
+        self.ops: dict[tuple[int, int], int] = {}
         self.next_peer_id = 1
         self.next_op_id = 1
         self.next_sync_id = 1
+        self.next_probe_id = 1
         self._accept_seq = 0
         self.now = 0.0
         self._out: list[Action] = []
@@ -228,6 +258,9 @@ class MasterState:
         misbehaviour never raises, it kicks that peer.
         """
         self.now = now
+        if isinstance(event, Received) and self._collective_fast_path(event.peer, event.msg):
+            out, self._out = self._out, []
+            return out
         if isinstance(event, Received):
             self._on_received(event.peer, event.msg)
         elif isinstance(event, RegisterRequest):
@@ -243,6 +276,21 @@ class MasterState:
         self._settle()
         out, self._out = self._out, []
         return out
+
+    def _collective_fast_path(self, peer: int, msg: Any) -> bool:
+        """Handle a collective initiate/complete touching only its own round (§5.11); False
+        when the message needs the full settle instead."""
+        group = colls.quiet_group(self, peer, msg)
+        if group is None:
+            return False
+        kicks = len(self.kicks)
+        self.peers[peer].last_seen = self.now
+        coll = colls.on_message(self, peer, msg)
+        if coll is not None and len(self.kicks) == kicks:
+            colls.progress_round(self, group, coll)
+        if len(self.kicks) != kicks or group.dirty:
+            self._settle()  # a kick or a failed op: rings, rounds and stats may all change
+        return True
 
     @property
     def heartbeat_interval(self) -> float:
@@ -290,6 +338,7 @@ class MasterState:
         if peer not in self.peers:
             return
         self.kicks[peer] = reason
+        self.recent_kicks.append(Removal(self.now, peer, self.peers[peer].group, reason, error))
         self._out.append(Kick(peer, reason, error))
         self.log("kick", peer=peer, reason=reason)
         self.remove(peer, f"kicked: {reason}", record=False)
@@ -299,6 +348,7 @@ class MasterState:
         info = self.peers.pop(peer)
         if record:
             self.departures[peer] = reason
+            self.recent_departures.append(Removal(self.now, peer, info.group, reason))
         if not info.accepted:
             return
         group = self.groups[info.group]
@@ -494,7 +544,7 @@ def _pairs(edges: set[tuple[int, int]]) -> str:
     return ", ".join(f"{a}->{b}" for a, b in sorted(edges))
 
 
-_HANDLERS: dict[type, Callable[[MasterState, int, Any], None]] = {
+_HANDLERS: dict[type, Callable[[MasterState, int, Any], object]] = {
     P.Heartbeat: MasterState._on_heartbeat,
     P.Leave: MasterState._on_leave,
     P.Register: MasterState._on_register_again,
@@ -505,4 +555,5 @@ _HANDLERS: dict[type, Callable[[MasterState, int, Any], None]] = {
     P.SyncDone: votes.on_sync_done,
     P.CollectiveInitiate: colls.on_initiate,
     P.CollectiveComplete: colls.on_complete,
+    P.BandwidthReport: votes.on_bandwidth_report,
 }

@@ -15,60 +15,16 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
-from collectives.peers import LinkRingPeers
 from pccl import protocol as P
-from pccl.errors import (
-    InvalidUsageError,
-    MasterConnectionError,
-    PCCLError,
-    PeerLostError,
-    SharedStateError,
-    TopologyUpdateError,
-)
+from pccl.bandwidth import BANDWIDTH_ROLE, BandwidthServer, answer_probe
+from pccl.collective_session import Collective, CollectiveContext, CollectiveRunner, error_for
+from pccl.errors import InvalidUsageError, MasterConnectionError, PCCLError, PeerLostError
 from pccl.ring_links import LinkSetupError, RingLinks
 from transport.connection import Connection, open_connection
 
 log = logging.getLogger("pccl.communicator")
 
 T = TypeVar("T")
-
-_ERRORS: dict[str, type[PCCLError]] = {
-    P.ERROR_MASTER: MasterConnectionError,
-    P.ERROR_TOPOLOGY: TopologyUpdateError,
-    P.ERROR_USAGE: InvalidUsageError,
-    P.ERROR_SHARED_STATE: SharedStateError,
-    P.ERROR_PEER_LOST: PeerLostError,
-}
-
-
-def error_for(kind: str, message: str) -> PCCLError:
-    """The pccl error an error kind of the protocol stands for (§5.7)."""
-    return _ERRORS.get(kind, MasterConnectionError)(message)
-
-
-@dataclass(frozen=True)
-class CollectiveContext:
-    """What a collective body gets: where it runs and how to reach its neighbours.
-
-    Use ``op_id`` as the transfer tag on ``peers`` (it is unique in the run).
-    ``peers`` is None when ``world_size`` is 1.
-    """
-
-    tag: int
-    op_id: int
-    epoch: int
-    ring: list[int]
-    rank: int
-    world_size: int
-    peers: LinkRingPeers | None
-
-
-@dataclass
-class _Collective:
-    start: asyncio.Future[Any]
-    done: asyncio.Future[P.CollectiveDone]
-    orphan: bool = False  # the caller gave up; answer the master, raise nothing
-
 
 @dataclass
 class Settings:
@@ -83,6 +39,9 @@ class Settings:
     p2p_host: str
     congestion: str | None
     connect_timeout: float = 10.0
+    p2p_port: int = 0  # where to listen for peers; 0 picks a free port
+    advertise_port: int | None = None  # the port peers dial, if not the listening one (§5.3)
+    encrypt: bool = False  # AES-GCM on every connection: master and p2p (docs/protocol.md §2.1)
 
 
 class PeerSession:
@@ -90,7 +49,11 @@ class PeerSession:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.links = RingLinks(connections=settings.connections, secret=settings.secret, congestion=settings.congestion)
+        self.links = RingLinks(connections=settings.connections, secret=settings.secret, congestion=settings.congestion,
+                               encrypt=settings.encrypt)
+        # The receiving end of bandwidth probes, and the group's last measured matrix (§5.12).
+        self.links.handlers[BANDWIDTH_ROLE] = BandwidthServer().serve
+        self.bandwidths: dict[tuple[int, int], float] = {}
         self.conn: Connection | None = None
         self.peer_id: int | None = None
         self.ring: list[int] = []
@@ -99,7 +62,8 @@ class PeerSession:
         self.accepted = False
         self.fatal: PCCLError | None = None
         self.busy: str | None = None  # the blocking membership/sync call in progress
-        self.collectives: dict[int, _Collective] = {}
+        self.collectives: dict[int, Collective] = {}
+        self.links_epoch = -1  # the epoch whose links this peer holds (reported links_ready)
         self._loop = asyncio.get_running_loop()
         self._accepted: asyncio.Future[None] = self._loop.create_future()
         self._vote: asyncio.Future[P.VoteResult] | None = None
@@ -108,6 +72,7 @@ class PeerSession:
         self._tasks: list[asyncio.Task[Any]] = []
         self._relink: asyncio.Task[None] | None = None
         self._closing = False
+        self.runner = CollectiveRunner(self._send, self.links, self._me)
 
     # -- connect ----------------------------------------------------------------------
 
@@ -123,16 +88,16 @@ class PeerSession:
         try:
             self.conn = await open_connection(
                 s.master_host, s.master_port, role="peer", peer_id=None, secret=s.secret,
-                timeout=s.connect_timeout, congestion=None,
+                timeout=s.connect_timeout, congestion=None, encrypt=s.encrypt,
             )
         except PeerLostError as exc:
             raise MasterConnectionError(f"cannot reach the master at {s.master_host}:{s.master_port}: {exc}") from exc
         try:
-            await self.links.start(s.p2p_host)
+            await self.links.start(s.p2p_host, s.p2p_port)
         except OSError as exc:
-            raise MasterConnectionError(f"cannot listen for peers on {s.p2p_host}: {exc}") from exc
+            raise MasterConnectionError(f"cannot listen for peers on {s.p2p_host}:{s.p2p_port}: {exc}") from exc
         self._spawn(self._read_loop())
-        self._send(P.Register(s.group, self.links.port, s.advertise_host))
+        self._send(P.Register(s.group, s.advertise_port or self.links.port, s.advertise_host))
         await self._accepted
         self.accepted = True
 
@@ -148,12 +113,14 @@ class PeerSession:
         """
         self._check_blocking_call(kind)
         self.busy = kind
-        self._vote = self._loop.create_future()
+        self._vote = vote = self._loop.create_future()
         try:
             self._send(P.Vote(kind))
-            result = await self._vote
+            result = await vote
         finally:
             self._vote, self.busy = None, None
+            if vote.done() and not vote.cancelled():
+                vote.exception()  # a failed send failed it too: that error is the one raised
         if not result.ok:
             raise error_for(result.error, result.reason)
         return result
@@ -176,9 +143,19 @@ class PeerSession:
     # -- collectives (§5.6) ---------------------------------------------------------------
 
     async def run_collective(
-        self, tag: int, descriptor: dict[str, Any], body: Callable[[CollectiveContext], Awaitable[T]]
+        self,
+        tag: int,
+        descriptor: dict[str, Any],
+        body: Callable[[CollectiveContext], Awaitable[T]],
+        *,
+        replayable: bool = False,
     ) -> T:
         """Initiate collective ``tag``, run ``body`` once the master starts it, report, wait for the outcome.
+
+        ``replayable``: ``body`` may run twice (it never writes what it reads). It is then
+        started at once, before the master's answer, when this peer holds the links of
+        its current ring (an optimistic start, ``docs/protocol.md`` §5.6.2); the answer
+        confirms it, or it is dropped and ``body`` runs again under the master's op id.
 
         Raises:
             InvalidUsageError: ``tag`` is already in flight, a blocking call is running,
@@ -192,16 +169,19 @@ class PeerSession:
             raise InvalidUsageError(f"collective tag {tag} is already in flight; wait for it or use another tag")
         if self.busy is not None:
             raise InvalidUsageError(f"collective tag {tag} while {self.busy} is running; call them one at a time")
-        coll = _Collective(self._loop.create_future(), self._loop.create_future())
+        coll = Collective.create(self._loop)
         self.collectives[tag] = coll
         try:
-            self._send(P.CollectiveInitiate(tag, descriptor))
-            start = await coll.start
-            if isinstance(start, P.CollectiveDone):
-                raise error_for(start.error or P.ERROR_PEER_LOST, start.reason)
-            return await self._run_body(coll, start, body)
-        except asyncio.CancelledError:
-            self._orphan(tag, coll)
+            epoch, xtag = 0, 0
+            if replayable and self.links_epoch == self.epoch:
+                epoch, xtag = self.runner.attempt(coll, tag, self.epoch, self.ring, self.collectives.values(), body)
+            self._send(P.CollectiveInitiate(tag, descriptor, epoch, xtag))
+            return await self.runner.finish(coll, await coll.start, body)
+        except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            await self.runner.drop(coll, "cancelled by the caller" if cancelled else f"{type(exc).__name__}: {exc}")
+            if cancelled:
+                self._orphan(tag, coll)
             raise
         finally:
             if not coll.orphan:
@@ -210,53 +190,17 @@ class PeerSession:
                 if fut.done() and not fut.cancelled():
                     fut.exception()  # retrieved: an abort nobody awaited is not an error to log
 
-    async def _run_body(
-        self, coll: _Collective, start: P.CollectiveStart, body: Callable[[CollectiveContext], Awaitable[T]]
-    ) -> T:
-        peers: LinkRingPeers | None = None
-        failure: BaseException | None = None
-        try:
-            peers = self.links.ring_peers(start.ring)
-            ctx = CollectiveContext(
-                start.tag, start.op_id, start.epoch, list(start.ring), start.ring.index(self._me()),
-                len(start.ring), peers,
-            )
-            task: asyncio.Task[T] = self._loop.create_task(_call(body, ctx))
-        except PeerLostError as exc:
-            failure = exc
-        if failure is None:
-            try:
-                await asyncio.wait([task, coll.done], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
-            except asyncio.CancelledError:
-                await _cancel(task)
-                raise
-            if not task.done():
-                # The master aborted the operation (or is gone): stop waiting for data.
-                await _cancel(task)
-                _forget(peers, start.op_id)
-                done = await coll.done
-                raise error_for(done.error or P.ERROR_PEER_LOST, done.reason)
-            failure = task.exception()
-        if failure is not None:
-            _forget(peers, start.op_id)
-        reason = "" if failure is None else f"{type(failure).__name__}: {failure}"
-        self._send(P.CollectiveComplete(start.tag, start.op_id, failure is None, reason))
-        done = await coll.done
-        if done.success and failure is None:
-            return task.result()
-        if failure is not None and not isinstance(failure, PeerLostError):
-            raise failure
-        raise error_for(done.error or P.ERROR_PEER_LOST, done.reason or reason) from failure
-
-    def _orphan(self, tag: int, coll: _Collective) -> None:
-        """The caller gave up on ``tag``: keep it reserved and answer the master for it."""
-        if self.fatal is not None or (coll.done.done() and not coll.start.done()):
+    def _orphan(self, tag: int, coll: Collective) -> None:
+        """The caller gave up on ``tag``: keep it reserved until the master's outcome and answer for it."""
+        if self.fatal is not None or coll.done.done():
             return
-        if coll.start.done() and isinstance(coll.start.result(), P.CollectiveStart):
-            if coll.done.done():
-                return
-            start = coll.start.result()
-            self._send_quietly(P.CollectiveComplete(tag, start.op_id, False, "cancelled by the caller"))
+        if coll.start.done():
+            first = coll.start.result()
+            if isinstance(first, P.CollectiveDone):
+                return  # it failed before starting: over
+            if not coll.reported:
+                coll.reported = True
+                self._send_quietly(P.CollectiveComplete(tag, first.op_id, False, "cancelled by the caller"))
         coll.orphan = True
 
     # -- shared state (§5.9): used by the shared-state sync -----------------------------
@@ -346,6 +290,7 @@ class PeerSession:
     def _on_welcome(self, msg: P.Welcome) -> None:
         assert self.conn is not None
         self.peer_id = self.links.peer_id = msg.peer_id
+        self.links.heartbeat = (msg.heartbeat_interval, msg.heartbeat_timeout)
         self._spawn(self._heartbeats(msg.heartbeat_interval, msg.heartbeat_timeout))
 
     async def _heartbeats(self, interval: float, timeout: float) -> None:
@@ -381,7 +326,31 @@ class PeerSession:
             log.warning("epoch %d: %s", msg.epoch, exc)
             self._send_quietly(P.LinkFailed(msg.epoch, exc.peer, exc.reason))
             return
+        self.links_epoch = msg.epoch  # collectives may start optimistically on this ring (§5.6.2)
         self._send_quietly(P.LinksReady(msg.epoch))
+        self._watch_next_link(msg)
+
+    def _watch_next_link(self, msg: P.RingUpdate) -> None:
+        """Link again if the link to NEXT dies while ``msg``'s epoch is current (§5.4).
+
+        NEXT may be waiting for a fresh inbound link from us (it dropped the old one) while
+        the master waits for NEXT's ``links_ready``: without a new link no collective of
+        the group could ever start again.
+        """
+        ring = list(msg.ring)
+        if len(ring) < 2:
+            return
+        link = self.links.outbound.get(ring[(ring.index(self._me()) + 1) % len(ring)])
+        if link is None:
+            return
+
+        def closed(_conn: Connection, _error: PeerLostError) -> None:
+            if self.fatal is None and not self._closing and self.epoch == msg.epoch:
+                if self._relink is not None:
+                    self._relink.cancel()
+                self._relink = self._spawn(self._link_epoch(msg))
+
+        link.connections[0].add_close_callback(closed)
 
     def _on_world(self, msg: P.WorldInfo) -> None:
         self.world = msg
@@ -397,11 +366,13 @@ class PeerSession:
             log.warning("ignoring a %s result nobody waits for", msg.kind)
 
     def _on_collective_start(self, msg: P.CollectiveStart) -> None:
+        self.runner.tags.started(msg.epoch, msg.tag)  # every member counts every start alike (§5.6.2)
         coll = self.collectives.get(msg.tag)
         if coll is None or coll.start.done():
             log.warning("ignoring CollectiveStart for tag %d nobody waits for", msg.tag)
         elif coll.orphan:
             coll.start.set_result(msg)
+            coll.reported = True
             self._send_quietly(P.CollectiveComplete(msg.tag, msg.op_id, False, "cancelled by the caller"))
         else:
             coll.start.set_result(msg)
@@ -411,6 +382,8 @@ class PeerSession:
         if coll is None:
             log.warning("ignoring CollectiveDone for tag %d nobody waits for", msg.tag)
             return
+        if not coll.start.done() and msg.op_id and msg.op_id == coll.transfer_tag:
+            self.runner.tags.started(coll.epoch, msg.tag)  # a confirmed attempt: no start came (§5.6.2)
         if coll.orphan:
             del self.collectives[msg.tag]
         elif not coll.start.done():
@@ -428,6 +401,15 @@ class PeerSession:
 
     def _on_heartbeat(self, msg: P.Heartbeat) -> None:
         pass
+
+    def _on_bandwidth_probe(self, msg: P.BandwidthProbe) -> None:
+        self._spawn(self._probe(msg))
+
+    async def _probe(self, msg: P.BandwidthProbe) -> None:
+        self._send_quietly(await answer_probe(self.links, msg))
+
+    def _on_bandwidths(self, msg: P.Bandwidths) -> None:
+        self.bandwidths = dict(zip(zip(msg.senders, msg.receivers), msg.bytes_per_second))
 
     # -- failure and shutdown ---------------------------------------------------------------
 
@@ -482,19 +464,6 @@ _DISPATCH: dict[type, Callable[[PeerSession, Any], None]] = {
     P.SyncResult: PeerSession._on_sync,
     P.Kicked: PeerSession._on_kicked,
     P.Heartbeat: PeerSession._on_heartbeat,
+    P.BandwidthProbe: PeerSession._on_bandwidth_probe,
+    P.Bandwidths: PeerSession._on_bandwidths,
 }
-
-
-async def _call(body: Callable[[CollectiveContext], Awaitable[T]], ctx: CollectiveContext) -> T:
-    return await body(ctx)
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait until it really stopped (it may touch caller buffers)."""
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
-def _forget(peers: LinkRingPeers | None, op_id: int) -> None:
-    if peers is not None:
-        peers.forget(op_id)

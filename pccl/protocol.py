@@ -90,10 +90,16 @@ class LinkFailed:
 @message("pccl.collective_initiate")
 @dataclass(frozen=True)
 class CollectiveInitiate:
-    """Ask to run collective ``tag``; ``descriptor`` must be equal on every group member (§5.6)."""
+    """Ask to run collective ``tag``; ``descriptor`` must be equal on every group member (§5.6).
+
+    ``transfer_tag`` (0: none) is the tag this peer already started the operation with
+    on the ring of ``epoch`` (an optimistic start, §5.6.2).
+    """
 
     tag: int
     descriptor: dict[str, Scalar] = field(default_factory=dict)
+    epoch: int = 0
+    transfer_tag: int = 0
 
 
 @message("pccl.collective_complete")
@@ -252,11 +258,53 @@ class SyncResult:
     reason: str = ""
 
 
+# --- bandwidth measurement and ring optimisation (§5.12) -----------------------------
+
+
+@message("pccl.bandwidth_probe")
+@dataclass(frozen=True)
+class BandwidthProbe:
+    """Master -> peer: measure how fast you send to ``peer`` (p2p server ``host:port``) for ``seconds``."""
+
+    probe_id: int
+    peer: int
+    host: str
+    port: int
+    seconds: float
+
+
+@message("pccl.bandwidth_report")
+@dataclass(frozen=True)
+class BandwidthReport:
+    """Peer -> master: probe ``probe_id`` measured ``bytes_per_second`` (``ok``), or failed (``reason``)."""
+
+    probe_id: int
+    ok: bool
+    bytes_per_second: float = 0.0
+    reason: str = ""
+
+
+@message("pccl.bandwidths")
+@dataclass(frozen=True)
+class Bandwidths:
+    """Master -> peer: the measured directed bandwidths of the peer's group, one column entry per pair.
+
+    ``bytes_per_second[i]`` is from ``senders[i]`` to ``receivers[i]``; 0 means the
+    measurement failed (the pair counts as unreachable).
+    """
+
+    senders: list[int] = field(default_factory=list)
+    receivers: list[int] = field(default_factory=list)
+    bytes_per_second: list[float] = field(default_factory=list)
+
+
 PEER_TO_MASTER = (
     Register, Heartbeat, Leave, Vote, LinksReady, LinkFailed,
     CollectiveInitiate, CollectiveComplete, SyncReport, SyncDone,
+    BandwidthReport,
 )
 MASTER_TO_PEER = (
     Welcome, Kicked, RingUpdate, WorldInfo, Accepted, VoteResult,
     CollectiveStart, CollectiveDone, SyncPlan, SyncResult, Heartbeat,
+    BandwidthProbe, Bandwidths,
 )

@@ -46,33 +46,40 @@ class RingLinks:
         secret: bytes | None,
         congestion: str | None,
         timeout: float = DEFAULT_LINK_TIMEOUT,
+        encrypt: bool = False,
     ) -> None:
         self.connections = connections
         self.secret = secret
+        self.encrypt = encrypt  # AES-GCM on every link, both directions (docs/protocol.md §2.1)
         self.congestion = congestion
         self.timeout = timeout
         self.peer_id: int | None = None
         self.inbound: dict[int, Link] = {}
         self.outbound: dict[int, Link] = {}
         self.handlers: dict[str, Callable[[Link], Any]] = {}
+        # (interval, timeout) of the heartbeats every ring link carries once set (§5.8): a
+        # link that goes silent fails its collectives instead of holding them forever.
+        self.heartbeat: tuple[float, float] | None = None
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._connecting: dict[int, asyncio.Task[Link]] = {}
         self._server: Server | None = None
         self._closed = False
+        self._ring_peers: LinkRingPeers | None = None
 
     @property
     def port(self) -> int:
         """The p2p server's port (0 before :meth:`start`)."""
         return self._server.port if self._server is not None else 0
 
-    async def start(self, host: str) -> None:
-        """Listen for p2p links on ``host`` (ephemeral port).
+    async def start(self, host: str, port: int = 0) -> None:
+        """Listen for p2p links on ``host:port`` (``port`` 0: ephemeral).
 
         Raises:
-            OSError: ``host`` cannot be bound.
+            OSError: the address cannot be bound.
         """
         self._server = await start_server(
-            host, 0, None, on_link=self._on_link, secret=self.secret, role=RING_ROLE, congestion=self.congestion
+            host, port, None, on_link=self._on_link, secret=self.secret, role=RING_ROLE, congestion=self.congestion,
+            encrypt=self.encrypt,
         )
 
     def _on_link(self, link: Link) -> None:
@@ -90,11 +97,19 @@ class RingLinks:
             return
         old = self.inbound.get(peer)
         self.inbound[peer] = link
+        self._beat(link)
+        # Forget it once it closes: links from peers that never become PREV (a stranger, a
+        # peer that left) would otherwise pile up until the next re-link.
+        link.connections[0].add_close_callback(lambda _conn, _err: self._forget_inbound(peer, link))
         if old is not None and old is not link:
             old.close("replaced by a newer link from the same peer")
         for waiter in self._waiters.pop(peer, []):
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _forget_inbound(self, peer: int, link: Link) -> None:
+        if self.inbound.get(peer) is link:
+            del self.inbound[peer]
 
     async def wait_inbound(self, peer: int) -> Link:
         """The open inbound link from ``peer``, waiting for it to arrive. Raises nothing but cancellation."""
@@ -142,7 +157,7 @@ class RingLinks:
         if task is None:
             task = asyncio.get_running_loop().create_task(connect_link(
                 host, port, connections=self.connections, peer_id=self.peer_id, secret=self.secret,
-                role=RING_ROLE, timeout=self.timeout, congestion=self.congestion,
+                role=RING_ROLE, timeout=self.timeout, congestion=self.congestion, encrypt=self.encrypt,
             ))
             self._connecting[peer] = task
             task.add_done_callback(lambda t: self._connected(peer, t))
@@ -160,6 +175,11 @@ class RingLinks:
             # Kept even if the relink that asked for it was superseded: the next one
             # reuses it when ``peer`` is still NEXT and closes it otherwise.
             self.outbound[peer] = link
+            self._beat(link)
+
+    def _beat(self, link: Link) -> None:
+        if self.heartbeat is not None:
+            link.start_heartbeat(*self.heartbeat)
 
     def _prune(self) -> None:
         for table in (self.inbound, self.outbound):
@@ -181,7 +201,12 @@ class RingLinks:
         out, inb = self.outbound.get(nxt), self.inbound.get(prv)
         if out is None or out.closed or inb is None or inb.closed:
             raise PeerLostError(f"the link to peer {nxt} or from peer {prv} is gone")
-        return LinkRingPeers(i, len(ring), out, inb)
+        cached = self._ring_peers  # every collective of an epoch asks for the same one
+        if cached is None or (cached.rank, cached.world_size, cached.next_link, cached.prev_link) != (
+            i, len(ring), out, inb
+        ):
+            cached = self._ring_peers = LinkRingPeers(i, len(ring), out, inb)
+        return cached
 
     async def close(self) -> None:
         """Close every link and the p2p server. Raises nothing."""

@@ -269,6 +269,7 @@ class _Dialer:
     secret: bytes | None
     congestion: str | None
     timeout: float
+    encrypt: bool = False
 
 
 class Fetcher:
@@ -347,7 +348,7 @@ class Fetcher:
         host, port = d.addresses[dist]
         link = await connect_link(
             host, port, connections=d.connections, peer_id=d.me, secret=d.secret,
-            role=SHARE_ROLE, timeout=d.timeout, congestion=d.congestion,
+            role=SHARE_ROLE, timeout=d.timeout, congestion=d.congestion, encrypt=d.encrypt,
         )
         link.start_heartbeat(HEARTBEAT_INTERVAL, SILENCE_TIMEOUT)
         self._links[dist] = link
@@ -467,6 +468,7 @@ def _dialer(session: PeerSession, plan: P.SyncPlan) -> _Dialer:
         secret=s.secret,
         congestion=s.congestion,
         timeout=s.connect_timeout,
+        encrypt=s.encrypt,
     )
 
 

@@ -18,6 +18,7 @@ Commands (``spec`` = ``{"dtype", "numel", "seed"}`` plus, where it applies, ``"o
 - ``stall {"ops": [{"tag", spec}...]}``: initiate collectives with the all-reduce descriptors whose
   bodies wait for data that never comes (a peer that is "in" the reduce but never sends)
 - ``changed {"name"}``: whether a started operation has written into its tensor yet; ``gather`` / ``broadcast`` / ``reduce_scatter`` (see ``execute``)
+- ``stats``: optimistic starts confirmed and dropped so far, and the bytes held on the ring links
 """
 
 from __future__ import annotations
@@ -198,10 +199,26 @@ class Peer:
             info = comm.reduce_scatter(x, out, pccl.ReduceOp(cmd.get("op", "sum")), tag=cmd.get("tag", 0))
             torch.save([out], cmd["dump"])
             return {"info": _info(info)}
+        if name == "stats":
+            return link_stats(comm)
         if name == "close":
             comm.close()
             return None
         return getattr(self, name)(cmd)
+
+
+def link_stats(comm: pccl.Communicator) -> dict[str, int]:
+    """Optimistic starts confirmed / dropped (``docs/protocol.md`` §5.6.2) and the early data
+    held on the ring links (what a dropped attempt must not leave behind)."""
+    session = comm._session
+    assert session is not None and comm._thread is not None
+
+    async def read() -> dict[str, int]:
+        links = list(session.links.inbound.values()) + list(session.links.outbound.values())
+        return {"confirmed": session.runner.confirmed, "dropped": session.runner.dropped,
+                "held": sum(link.held_bytes for link in links)}
+
+    return comm._thread.run(read())
 
 
 def main() -> int:
