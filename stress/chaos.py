@@ -405,6 +405,7 @@ class Orchestrator:
                     shown = elapsed
                 nxt = pending[0].at if pending else cfg.duration
                 await asyncio.sleep(max(0.01, min(SAMPLE_EVERY, nxt - (time.time() - start))))
+            bar.update(int(cfg.duration) - shown)
         await self.shutdown()
         return self.analyze(schedule, start)
 
