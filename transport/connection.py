@@ -29,7 +29,7 @@ from transport.inbox import Inbox
 from transport.loop import on_loop
 from transport.message import Message, decode, encode_payload
 from transport.reader import FrameReader
-from transport.sockopt import peer_gone, reset_on_close, tune
+from transport.sockopt import connect_socket, peer_gone, reset_on_close, tune
 
 if TYPE_CHECKING:
     from transport.server import Server
@@ -518,28 +518,6 @@ class Connection:
         await asyncio.shield(self._closed_future)
 
 
-async def _connect_socket(
-    loop: asyncio.AbstractEventLoop, host: str, port: int, congestion: str | None
-) -> socket.socket:
-    """A connected, tuned, non-blocking socket (options set before connect so the window scales)."""
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    last: OSError = OSError(f"no address for {host!r}")
-    for family, kind, proto, _name, address in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            tune(sock, congestion)
-            await loop.sock_connect(sock, address)
-            return sock
-        except OSError as exc:
-            sock.close()
-            last = exc
-        except BaseException:
-            sock.close()
-            raise
-    raise last
-
-
 async def open_connection(
     host: str,
     port: int,
@@ -577,7 +555,7 @@ async def open_connection(
     try:
         async with asyncio.timeout(timeout):
             try:
-                sock = await _connect_socket(loop, host, port, congestion)
+                sock = await connect_socket(loop, host, port, congestion)
                 await loop.create_connection(lambda: _Protocol(conn), sock=sock)
             except OSError as exc:
                 raise PeerUnreachableError(f"cannot connect to {host}:{port}: {exc}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import struct
@@ -123,3 +124,25 @@ def reset_on_close(sock: Any) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except (OSError, ValueError) as exc:
         log.debug("SO_LINGER refused: %s", exc)
+
+
+async def connect_socket(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, congestion: str | None
+) -> socket.socket:
+    """A connected, tuned, non-blocking socket (options set before connect so the window scales)."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError = OSError(f"no address for {host!r}")
+    for family, kind, proto, _name, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            tune(sock, congestion)
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise last
