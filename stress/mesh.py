@@ -30,24 +30,14 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
-from types import TracebackType
 from typing import Any, Mapping, Sequence
 
-from stress.wan import (
-    WanError,
-    _exit_on_signal,
-    _pid_alive,
-    _run,
-    _signal_all,
-    _wait_all,
-    list_namespaces,
-    namespace_pids,
-)
+from stress import netns
+from stress.netns import NetnsError
+from stress.netns import run_setup as _run
+from stress.wan import _wait_all
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +46,6 @@ MAX_PEERS = 32
 # veth accepts ~64 KiB frames: big packets keep the kernel's per-packet cost low.
 MTU = 65000
 _NAME_RE = re.compile(r"^pmesh(\d+)-[0-9a-f]+-\d+$")
-_STOP_GRACE = 3.0
 
 
 def unavailable_reason() -> str | None:
@@ -75,15 +64,9 @@ def cleanup_stale() -> list[str]:
     """Delete mesh namespaces whose owning process died (SIGKILL); returns the names deleted.
 
     Raises:
-        WanError: ``ip`` failed.
+        NetnsError: ``ip`` failed.
     """
-    removed = []
-    for name in list_namespaces():
-        match = _NAME_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))):
-            _run(["ip", "netns", "del", name])
-            removed.append(name)
-    return removed
+    return netns.cleanup_stale(_NAME_RE)
 
 
 def tbf_args(rate_mbit: float, mtu: int = MTU) -> list[str]:
@@ -95,7 +78,7 @@ def tbf_args(rate_mbit: float, mtu: int = MTU) -> list[str]:
     return ["rate", f"{rate_mbit}mbit", "burst", str(burst), "limit", str(limit)]
 
 
-class Mesh:
+class Mesh(netns.Namespaces):
     """``peers`` fresh network namespaces, every two joined by their own veth pair.
 
     Args:
@@ -119,10 +102,7 @@ class Mesh:
                 raise ValueError(f"rate for {pair} must be > 0, got {rate}")
         self.token = f"pmesh{os.getpid()}-{secrets.token_hex(3)}"
         self.limits: dict[tuple[int, int], float] = {}
-        self._made: list[str] = []
-        self._procs: list[subprocess.Popen[Any]] = []
-        self._old_handlers: dict[int, Any] = {}
-        self._open = False
+        super().__init__()
 
     # -- names ---------------------------------------------------------------
 
@@ -151,49 +131,26 @@ class Mesh:
         if src == dst:
             raise ValueError(f"a pair needs two different peers, got {src} twice")
 
-    # -- life cycle ----------------------------------------------------------
+    # -- building and teardown (netns.Namespaces hooks) ----------------------
 
-    def __enter__(self) -> Mesh:
-        self.open()
-        return self
+    what = "mesh"
+    stale = _NAME_RE
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        try:
-            self.close()
-        except WanError:
-            if exc_type is None:
-                raise
-            log.exception("mesh teardown failed while handling another error")
+    def unavailable(self) -> str | None:
+        return unavailable_reason()
 
-    def open(self) -> None:
-        """Create the namespaces, the links and the initial rate caps; undo all on failure.
+    def _build(self) -> None:
+        for peer in range(1, self.peers + 1):
+            self._add_namespace(self.ns(peer))
+        for a in range(1, self.peers + 1):
+            for b in range(a + 1, self.peers + 1):
+                self._link(a, b)
+        self._open = True  # limit() needs an open mesh
+        for (src, dst), rate in sorted(self.slow.items()):
+            self.limit(src, dst, rate)
 
-        Raises:
-            WanError: not root, already open, or a set-up command failed.
-        """
-        if self._open:
-            raise WanError("this mesh is already open")
-        reason = unavailable_reason()
-        if reason is not None:
-            raise WanError(reason)
-        self._trap_signals()
-        try:
-            for name in cleanup_stale():
-                log.warning("removed stale mesh namespace %s", name)
-            for peer in range(1, self.peers + 1):
-                _run(["ip", "netns", "add", self.ns(peer)])
-                self._made.append(self.ns(peer))
-                _run(["ip", "-n", self.ns(peer), "link", "set", "lo", "up"])
-            for a in range(1, self.peers + 1):
-                for b in range(a + 1, self.peers + 1):
-                    self._link(a, b)
-            self._open = True
-            for (src, dst), rate in sorted(self.slow.items()):
-                self.limit(src, dst, rate)
-        except BaseException:
-            self._teardown()
-            raise
+    def _teardown_extra(self, problems: list[str]) -> None:
+        self.limits.clear()
 
     def _link(self, a: int, b: int) -> None:
         _run(["ip", "link", "add", self.device(b), "netns", self.ns(a), "type", "veth",
@@ -207,7 +164,7 @@ class Mesh:
         """Cap the direction ``src -> dst`` at ``rate_mbit`` (tbf at ``src``'s device); None lifts it.
 
         Raises:
-            WanError: the mesh is not open, or ``tc`` failed.
+            NetnsError: the mesh is not open, or ``tc`` failed.
             ValueError: not a pair of the mesh, or a rate <= 0.
         """
         self._require_open()
@@ -222,90 +179,25 @@ class Mesh:
         _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", *tbf_args(rate_mbit)])
         self.limits[(src, dst)] = rate_mbit
 
-    def close(self) -> None:
-        """Stop every process in the namespaces and delete them. Idempotent.
-
-        Raises:
-            WanError: some namespace could not be removed (the rest still were).
-        """
-        problems = self._teardown()
-        if problems:
-            raise WanError("mesh teardown incomplete: " + "; ".join(problems))
-
-    def _teardown(self) -> list[str]:
-        problems: list[str] = []
-        self._stop_processes()
-        for ns in reversed(self._made):
-            try:
-                _run(["ip", "netns", "del", ns])  # its veth ends go with it
-            except WanError as exc:
-                problems.append(str(exc))
-        self._made.clear()
-        self.limits.clear()
-        self._restore_signals()
-        self._open = False
-        return problems
-
     # -- running commands ----------------------------------------------------
 
     def command(self, peer: int, cmd: Sequence[str]) -> list[str]:
         """``cmd`` wrapped to run inside ``peer``'s namespace."""
-        return ["ip", "netns", "exec", self.ns(peer), *cmd]
+        return self._in(self.ns(peer), cmd)
 
     def popen(self, peer: int, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``cmd`` in ``peer``'s namespace (``subprocess.Popen`` keywords apply).
 
-        It is stopped at teardown if still running. Raises: WanError if the mesh is not open.
+        It is stopped at teardown if still running. Raises: NetnsError if the mesh is not open.
         """
-        self._require_open()
-        proc = subprocess.Popen(self.command(peer, cmd), **kwargs)
-        self._procs.append(proc)
-        return proc
+        return self._popen(self.command(peer, cmd), kwargs)
 
     def run(self, peer: int, cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
         """Run ``cmd`` in ``peer``'s namespace to completion (``subprocess.run`` keywords apply).
 
-        Raises: WanError if the mesh is not open; whatever ``subprocess.run`` raises.
+        Raises: NetnsError if the mesh is not open; whatever ``subprocess.run`` raises.
         """
-        self._require_open()
-        return subprocess.run(self.command(peer, cmd), **kwargs)
-
-    def _require_open(self) -> None:
-        if not self._open:
-            raise WanError("the mesh is not open; use it inside `with Mesh(...)`")
-
-    def _stop_processes(self) -> None:
-        """Terminate our Popens and anything else left inside our namespaces."""
-        pids = {p.pid for p in self._procs if p.poll() is None}
-        for ns in self._made:
-            pids.update(namespace_pids(ns))
-        pids.discard(os.getpid())
-        _signal_all(pids, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._procs.clear()
-        leftovers: set[int] = set()
-        for ns in self._made:
-            leftovers.update(namespace_pids(ns))
-        leftovers.discard(os.getpid())
-        _signal_all(leftovers, signal.SIGKILL)
-
-    def _trap_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(sig) is signal.SIG_DFL:
-                self._old_handlers[sig] = signal.signal(sig, _exit_on_signal)
-
-    def _restore_signals(self) -> None:
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        self._old_handlers.clear()
+        return self._run_cmd(self.command(peer, cmd), kwargs)
 
 
 # -- command line ---------------------------------------------------------
@@ -376,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             procs = [mesh.popen(i, fill(cmd), env=env) for i, cmd in enumerate(cmds, start=1)]
             return _wait_all(procs, args.timeout)
-    except (WanError, ValueError) as exc:
+    except (NetnsError, ValueError) as exc:
         print(f"stress.mesh: error: {exc}", file=sys.stderr)
         return 1
 

@@ -41,11 +41,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from types import FrameType, TracebackType
 from typing import Any, Callable, Sequence
+
+from stress import netns
+from stress.netns import NetnsError as WanError  # the name this module's callers know
+from stress.netns import list_namespaces  # noqa: F401 (re-exported)
+from stress.netns import run_setup as _run
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +62,6 @@ _NAME_RE = re.compile(r"^pwan(\d+)-[0-9a-f]+-[ab]$")
 _READY_TIMEOUT = 15.0
 _STOP_GRACE = 3.0
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class WanError(RuntimeError):
-    """WAN emulation is unavailable here, or setting it up or tearing it down failed."""
 
 
 def unavailable_reason() -> str | None:
@@ -79,40 +78,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _run(cmd: Sequence[str]) -> str:
-    """Run a set-up command; return its stdout.
-
-    Raises:
-        WanError: it failed to start or exited non-zero (its stderr is in the message).
-    """
-    try:
-        done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, check=True)
-    except subprocess.CalledProcessError as exc:
-        raise WanError(f"`{' '.join(cmd)}` failed: {exc.stderr.strip() or exc}") from exc
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise WanError(f"`{' '.join(cmd)}` failed: {exc}") from exc
-    return done.stdout
-
-
-def list_namespaces() -> list[str]:
-    """Names of the named network namespaces (``ip netns list``).
-
-    Raises:
-        WanError: ``ip`` failed.
-    """
-    return [line.split()[0] for line in _run(["ip", "netns", "list"]).splitlines() if line.strip()]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_stale() -> list[str]:
     """Delete namespaces left by WAN links whose owning process died (SIGKILL).
 
@@ -121,25 +86,10 @@ def cleanup_stale() -> list[str]:
     Raises:
         WanError: ``ip`` failed.
     """
-    removed = []
-    for name in list_namespaces():
-        match = _NAME_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))):
-            _run(["ip", "netns", "del", name])
-            removed.append(name)
-    return removed
+    return netns.cleanup_stale(_NAME_RE)
 
 
-def namespace_pids(ns: str) -> list[int]:
-    """Process ids living in namespace ``ns`` (empty if it does not exist)."""
-    try:
-        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [int(tok) for tok in out.split() if tok.isdigit()]
-
-
-class WanLink:
+class WanLink(netns.Namespaces):
     """Two fresh network namespaces joined by an emulated WAN link.
 
     Args:
@@ -160,6 +110,9 @@ class WanLink:
         ValueError: a negative RTT, a rate <= 0 or a buffer cap below 4096.
     """
 
+    what = "WAN link"
+    stale = _NAME_RE
+
     def __init__(self, rtt_ms: float = 50.0, rate_mbit: float | None = None,
                  buffer_cap_bytes: int | None = None, congestion: str | None = None,
                  queue_limit_bytes: int = 256 << 20) -> None:
@@ -172,6 +125,7 @@ class WanLink:
         self.buffer_cap_bytes = buffer_cap_bytes
         self.congestion = congestion
         self.queue_limit_bytes = queue_limit_bytes
+        super().__init__()
         token = f"pwan{os.getpid()}-{secrets.token_hex(3)}"
         self.ns_a = f"{token}-a"
         self.ns_b = f"{token}-b"
@@ -179,81 +133,26 @@ class WanLink:
         self.addr_b = ADDR_B
         self.ifname = IFNAME
         self.forwarder_stats: dict[str, int] | None = None
-        self._made: list[str] = []
         self._forwarder: subprocess.Popen[str] | None = None
-        self._procs: list[subprocess.Popen[Any]] = []
-        self._old_handlers: dict[int, Any] = {}
-        self._open = False
 
-    # -- life cycle -------------------------------------------------------
+    # -- building and teardown (netns.Namespaces hooks) --------------------
 
-    def __enter__(self) -> "WanLink":
-        self.open()
-        return self
+    def unavailable(self) -> str | None:
+        return unavailable_reason()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        try:
-            self.close()
-        except WanError:
-            if exc_type is None:
-                raise
-            log.exception("WAN teardown failed while handling another error")
+    def _build(self) -> None:
+        for ns in (self.ns_a, self.ns_b):
+            self._add_namespace(ns)
+        if self.rtt_ms > 0:
+            self._start_forwarder()
+        else:
+            _run(["ip", "link", "add", IFNAME, "netns", self.ns_a, "type", "veth",
+                  "peer", "name", IFNAME, "netns", self.ns_b])
+        self._configure(self.ns_a, self.addr_a, self.addr_b)
+        self._configure(self.ns_b, self.addr_b, self.addr_a)
 
-    def open(self) -> None:
-        """Create the namespaces and the link; on any failure undo what was done.
-
-        Raises:
-            WanError: not root, no tun, already open, or a set-up command failed.
-        """
-        if self._open:
-            raise WanError("this WAN link is already open")
-        reason = unavailable_reason()
-        if reason is not None:
-            raise WanError(reason)
-        self._trap_signals()
-        try:
-            for name in cleanup_stale():
-                log.warning("removed stale WAN namespace %s", name)
-            for ns in (self.ns_a, self.ns_b):
-                _run(["ip", "netns", "add", ns])
-                self._made.append(ns)
-                _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            if self.rtt_ms > 0:
-                self._start_forwarder()
-            else:
-                _run(["ip", "link", "add", IFNAME, "netns", self.ns_a, "type", "veth",
-                      "peer", "name", IFNAME, "netns", self.ns_b])
-            self._configure(self.ns_a, self.addr_a, self.addr_b)
-            self._configure(self.ns_b, self.addr_b, self.addr_a)
-        except BaseException:
-            self._teardown()
-            raise
-        self._open = True
-
-    def close(self) -> None:
-        """Stop every process in the namespaces, the delay line, and delete both.
-
-        Idempotent. Raises:
-            WanError: some part could not be removed (the rest still was).
-        """
-        problems = self._teardown()
-        if problems:
-            raise WanError("WAN teardown incomplete: " + "; ".join(problems))
-
-    def _teardown(self) -> list[str]:
-        problems: list[str] = []
-        self._stop_processes()
+    def _teardown_extra(self, problems: list[str]) -> None:
         self._stop_forwarder(problems)
-        for ns in reversed(self._made):
-            try:
-                _run(["ip", "netns", "del", ns])
-            except WanError as exc:
-                problems.append(str(exc))
-        self._made.clear()
-        self._restore_signals()
-        self._open = False
-        return problems
 
     @property
     def forwarder_pid(self) -> int | None:
@@ -317,11 +216,11 @@ class WanLink:
 
     def command_a(self, cmd: Sequence[str]) -> list[str]:
         """``cmd`` wrapped to run inside namespace A."""
-        return ["ip", "netns", "exec", self.ns_a, *cmd]
+        return self._in(self.ns_a, cmd)
 
     def command_b(self, cmd: Sequence[str]) -> list[str]:
         """``cmd`` wrapped to run inside namespace B."""
-        return ["ip", "netns", "exec", self.ns_b, *cmd]
+        return self._in(self.ns_b, cmd)
 
     def popen_a(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``cmd`` in namespace A (``subprocess.Popen`` keywords apply).
@@ -339,47 +238,13 @@ class WanLink:
 
         Raises: WanError if the link is not open; whatever ``subprocess.run`` raises.
         """
-        self._require_open()
-        return subprocess.run(self.command_a(cmd), **kwargs)
+        return self._run_cmd(self.command_a(cmd), kwargs)
 
     def run_b(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
         """Run ``cmd`` in namespace B; see :meth:`run_a`."""
-        self._require_open()
-        return subprocess.run(self.command_b(cmd), **kwargs)
-
-    def _popen(self, argv: list[str], kwargs: dict[str, Any]) -> subprocess.Popen[Any]:
-        self._require_open()
-        proc = subprocess.Popen(argv, **kwargs)
-        self._procs.append(proc)
-        return proc
-
-    def _require_open(self) -> None:
-        if not self._open:
-            raise WanError("the WAN link is not open; use it inside `with WanLink(...)`")
+        return self._run_cmd(self.command_b(cmd), kwargs)
 
     # -- teardown helpers -------------------------------------------------
-
-    def _stop_processes(self) -> None:
-        """Terminate what still runs in our namespaces: our Popens, and anything
-        else started inside them (a namespace outlives its last process only as
-        a mount; a process left inside would keep using a dead link)."""
-        pids = {p.pid for p in self._procs if p.poll() is None}
-        for ns in self._made:
-            pids.update(namespace_pids(ns))
-        pids.discard(os.getpid())
-        _signal_all(pids, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._procs.clear()
-        leftovers = set()
-        for ns in self._made:
-            leftovers.update(namespace_pids(ns))
-        _signal_all(leftovers, signal.SIGKILL)
 
     def _stop_forwarder(self, problems: list[str]) -> None:
         fwd, self._forwarder = self._forwarder, None
@@ -398,31 +263,6 @@ class WanLink:
             log.info("delay line counters: %s", self.forwarder_stats)
         if fwd.returncode not in (0, -signal.SIGKILL) and err.strip():
             problems.append(f"delay line exited with {fwd.returncode}: {err.strip()}")
-
-    def _trap_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(sig) is signal.SIG_DFL:
-                self._old_handlers[sig] = signal.signal(sig, _exit_on_signal)
-
-    def _restore_signals(self) -> None:
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        self._old_handlers.clear()
-
-
-def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _signal_all(pids: set[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
 
 # -- command line ---------------------------------------------------------
 
