@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
 
 import torch
 
@@ -104,10 +104,13 @@ class _State:
             copier.shutdown(wait=True)
 
 
+_CLOSED_MIDWAY = "the communicator was closed while the operation ran"
+
+
 def _settle(cf: concurrent.futures.Future[T], task: asyncio.Task[T]) -> None:
     """Hand a loop task's outcome to the caller's future."""
     if task.cancelled():
-        cf.set_exception(MasterConnectionError("the communicator was closed while the operation ran"))
+        cf.set_exception(MasterConnectionError(_CLOSED_MIDWAY))
     elif task.exception() is not None:
         cf.set_exception(task.exception())
     else:
@@ -118,6 +121,20 @@ class CollectivesMixin:
     """Collective operations for :class:`pccl.Communicator` (which provides ``_live`` and ``_thread``)."""
 
     _thread: LoopThread | None
+
+    def _on_loop(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the communicator's loop and wait for it (``LoopThread.run``).
+
+        Raises:
+            MasterConnectionError: :meth:`close` (from another thread) stopped the loop
+                first; the coroutine's clean-up has run, so a tensor is restored.
+            Whatever ``coro`` raises, and TimeoutError after ``timeout``.
+        """
+        assert self._thread is not None
+        try:
+            return self._thread.run(coro, timeout)
+        except asyncio.CancelledError:  # only stop() cancels it: say so, as a catchable error
+            raise MasterConnectionError(_CLOSED_MIDWAY) from None
     _coll: _State
 
     def _live(self, what: str) -> PeerSession:
@@ -398,14 +415,12 @@ class CollectivesMixin:
     def _run_blocking(
         self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T], replayable: bool
     ) -> T:
-        assert self._thread is not None
-        return self._thread.run(self._reserved(session, tag, desc, staged, body, replayable))
+        return self._on_loop(self._reserved(session, tag, desc, staged, body, replayable))
 
     def _run_async(
         self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T], replayable: bool
     ) -> concurrent.futures.Future[T]:
-        assert self._thread is not None
-        return self._thread.run(self._start(session, tag, desc, staged, body, replayable))
+        return self._on_loop(self._start(session, tag, desc, staged, body, replayable))
 
     async def _reserved(
         self, session: PeerSession, tag: int, desc: dict[str, Any], staged: Staged, body: Body[T], replayable: bool

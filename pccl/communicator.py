@@ -206,7 +206,7 @@ class Communicator(CollectivesMixin):
         self._thread = LoopThread(f"pccl-peer-g{self._settings.group}")
         try:
             self._session = self._thread.run(self._new_session())
-            self._thread.run(self._session.connect(), timeout)
+            self._on_loop(self._session.connect(), timeout)
         except BaseException as exc:
             self._connect_error = f"{type(exc).__name__}: {exc}"
             self.close()
@@ -356,6 +356,4 @@ class Communicator(CollectivesMixin):
     def _blocking(
         self, what: str, make: Callable[[PeerSession], Coroutine[Any, Any, T]], timeout: float | None = None
     ) -> T:
-        session = self._live(what)
-        assert self._thread is not None
-        return self._thread.run(make(session), timeout)
+        return self._on_loop(make(self._live(what)), timeout)

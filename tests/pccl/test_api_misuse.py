@@ -12,9 +12,11 @@ value is computed here with numpy.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import itertools
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -245,4 +247,26 @@ def test_closing_with_an_operation_in_flight_ends_it_with_an_error(
     a.close()
     with pytest.raises(MasterConnectionError, match="closed"):
         handle.wait(10)
+    assert torch.equal(x, before)  # restored, as after any failure
+
+
+@pytest.mark.timeout(60)
+def test_closing_under_a_blocking_call_raises_a_pccl_error_in_its_thread(
+    pair: tuple[pccl.Communicator, pccl.Communicator],
+) -> None:
+    a, b = pair
+    x = ints(a.peer_id, 100)
+    before = x.clone()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        blocked = pool.submit(a.all_reduce, x)  # b never joins in: it waits for b
+        # A call whose coroutine outlives the session's own failure: only stopping the
+        # loop ends it (the path by which a caller used to get asyncio.CancelledError,
+        # which `except Exception` does not catch).
+        endless = pool.submit(a._blocking, "waiting", lambda session: asyncio.sleep(3600))
+        while a._session is None or not a._session.collectives:
+            time.sleep(0.01)  # the all-reduce is in flight
+        a.close()
+        for fut in (blocked, endless):
+            with pytest.raises(MasterConnectionError, match="closed"):
+                fut.result(10)
     assert torch.equal(x, before)  # restored, as after any failure
