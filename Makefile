@@ -28,7 +28,7 @@ chromium:
 	fi
 
 test: $(STAMP) chromium
-	$(PY) -m mypy transport collectives pccl training stress
+	$(PY) -m mypy transport collectives pccl training stress examples
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -45,6 +45,7 @@ def worker(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     from training.fsdp import ReplicaLostError, connect_shard, replica_guard, shard_diloco, wait_for_replicas
 
@@ -89,7 +90,8 @@ def worker(args: argparse.Namespace) -> int:
             result["after"] = eval_loss()
             full = hashlib.blake2b(digest_size=16)
             for p in model.parameters():
-                full.update(p.full_tensor().detach().numpy().tobytes())  # a DTensor: gather it whole
+                assert isinstance(p, DTensor)  # fully_shard made every parameter one: gather it whole
+                full.update(p.full_tensor().detach().numpy().tobytes())
             result["full_digest"] = full.hexdigest()
             diloco.close()
     except ReplicaLostError as exc:
