@@ -237,36 +237,23 @@ def test_every_call_after_close_is_refused_and_says_so(pair: tuple[pccl.Communic
 
 
 @pytest.mark.timeout(60)
-def test_closing_with_an_operation_in_flight_ends_it_with_an_error(
+def test_closing_with_operations_in_flight_ends_each_with_an_error(
     pair: tuple[pccl.Communicator, pccl.Communicator],
 ) -> None:
     a, b = pair
-    x = ints(a.peer_id, 100)
-    before = x.clone()
-    handle = a.all_reduce_async(x)  # b never joins in: it waits for b
-    a.close()
-    with pytest.raises(MasterConnectionError, match="closed"):
-        handle.wait(10)
-    assert torch.equal(x, before)  # restored, as after any failure
-
-
-@pytest.mark.timeout(60)
-def test_closing_under_a_blocking_call_raises_a_pccl_error_in_its_thread(
-    pair: tuple[pccl.Communicator, pccl.Communicator],
-) -> None:
-    a, b = pair
-    x = ints(a.peer_id, 100)
-    before = x.clone()
+    x, y = ints(a.peer_id, 100), ints(a.peer_id, 50)
+    before_x, before_y = x.clone(), y.clone()
+    handle = a.all_reduce_async(x, tag=1)  # b never joins in: both reduces wait for b
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        blocked = pool.submit(a.all_reduce, x)  # b never joins in: it waits for b
+        blocked = pool.submit(a.all_reduce, y)
         # A call whose coroutine outlives the session's own failure: only stopping the
-        # loop ends it (the path by which a caller used to get asyncio.CancelledError,
-        # which `except Exception` does not catch).
+        # loop ends it (the path by which a blocked caller used to get
+        # asyncio.CancelledError, which `except Exception` does not catch).
         endless = pool.submit(a._blocking, "waiting", lambda session: asyncio.sleep(3600))
-        while a._session is None or not a._session.collectives:
-            time.sleep(0.01)  # the all-reduce is in flight
+        while a._session is None or len(a._session.collectives) < 2:
+            time.sleep(0.01)  # both reduces are in flight
         a.close()
-        for fut in (blocked, endless):
+        for wait in (handle.wait, blocked.result, endless.result):
             with pytest.raises(MasterConnectionError, match="closed"):
-                fut.result(10)
-    assert torch.equal(x, before)  # restored, as after any failure
+                wait(10)
+    assert torch.equal(x, before_x) and torch.equal(y, before_y)  # restored, as after any failure
