@@ -121,6 +121,7 @@ class CollectivesMixin:
     """Collective operations for :class:`pccl.Communicator` (which provides ``_live`` and ``_thread``)."""
 
     _thread: LoopThread | None
+    _coll: _State
 
     def _on_loop(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the communicator's loop and wait for it (``LoopThread.run``).
@@ -135,7 +136,6 @@ class CollectivesMixin:
             return self._thread.run(coro, timeout)
         except asyncio.CancelledError:  # only stop() cancels it: say so, as a catchable error
             raise MasterConnectionError(_CLOSED_MIDWAY) from None
-    _coll: _State
 
     def _live(self, what: str) -> PeerSession:
         raise NotImplementedError  # provided by the Communicator
