@@ -6,8 +6,9 @@ The public API (see README): ``Master``, ``Communicator``, ``SharedState``,
 
 from __future__ import annotations
 
-from collectives.types import Quantization, ReduceInfo, ReduceOp
-from pccl.communicator import Communicator
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pccl.errors import (
     AuthenticationError,
     InvalidUsageError,
@@ -19,8 +20,40 @@ from pccl.errors import (
     TooFewPeersError,
     TopologyUpdateError,
 )
-from pccl.master import Master
-from pccl.shared_state import SharedState, SyncInfo, SyncStrategy, TensorInfo
+
+if TYPE_CHECKING:
+    from collectives.types import Quantization, ReduceInfo, ReduceOp
+    from pccl.communicator import Communicator
+    from pccl.master import Master
+    from pccl.shared_state import SharedState, SyncInfo, SyncStrategy, TensorInfo
+
+# Imported on first use, so that `import pccl` (and with it `pccl status`, `pccl --help`)
+# does not pay for importing torch (~1.5 s) until something needs it.
+_LAZY = {
+    "Quantization": "collectives.types",
+    "ReduceInfo": "collectives.types",
+    "ReduceOp": "collectives.types",
+    "Communicator": "pccl.communicator",
+    "Master": "pccl.master",
+    "SharedState": "pccl.shared_state",
+    "SyncInfo": "pccl.shared_state",
+    "SyncStrategy": "pccl.shared_state",
+    "TensorInfo": "pccl.shared_state",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pccl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

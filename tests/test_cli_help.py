@@ -108,3 +108,25 @@ A closing paragraph.
 def test_console_script_is_installed() -> None:
     # `make test` installs the package: the `pccl` entry point must be on the venv's PATH.
     assert Path(sys.executable).with_name("pccl").exists() or shutil.which("pccl"), "pccl script not installed"
+
+
+@pytest.mark.timeout(60)
+def test_the_status_command_and_the_public_names_load_without_torch_until_used() -> None:
+    probe = (
+        "import sys\n"
+        "import pccl, pccl.cli, pccl.status_cli\n"
+        "assert 'torch' not in sys.modules, 'pccl status would wait for torch to import'\n"
+        "assert issubclass(pccl.PeerLostError, pccl.PCCLError)\n"
+        "assert 'torch' not in sys.modules\n"
+        "from pccl import Communicator, ReduceOp\n"
+        "assert 'torch' in sys.modules and Communicator.__module__ == 'pccl.communicator'\n"
+        "assert ReduceOp.SUM is pccl.ReduceOp.SUM and set(pccl.__all__) <= set(dir(pccl))\n"
+        "try:\n"
+        "    pccl.NoSuchName\n"
+        "except AttributeError as exc:\n"
+        "    assert 'NoSuchName' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('pccl.NoSuchName did not raise AttributeError')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
