@@ -59,15 +59,12 @@ class _Progress:
         self.out = out
         self.bar = bar
         self.printed = 0
-        self.killed: set[int] = set()
         self.start = time.perf_counter()
 
     def __call__(self, spec: PeerSpec, rec: dict[str, Any]) -> None:
         event = rec.get("event")
         name = f"peer w{spec.worker}"
-        if event == "killed" and spec.worker not in self.killed:
-            # The launcher may report a kill again while the process is still being reaped.
-            self.killed.add(spec.worker)
+        if event == "killed":
             self._line(f"  !! {name} killed (SIGKILL) after round {rec['after_round']}")
         elif event == "started" and spec.start_after_round:
             self._line(f"  ++ {name} started after round {rec['after_round']}")

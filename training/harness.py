@@ -96,6 +96,7 @@ class _Running:
     go: multiprocessing.synchronize.Event | None = None  # set: a prestarted worker may connect
     offset: int = 0
     partial: str = ""
+    killed: bool = False  # SIGKILL sent (the process may look alive until it is reaped)
 
 
 def _read_new(run: _Running) -> list[dict[str, Any]]:
@@ -197,8 +198,9 @@ def _drive(
                     group_round = max(group_round, int(record["round"]))
                 note(spec, record)
             if (run.proc is not None and spec.kill_at_round is not None and group_round >= spec.kill_at_round
-                    and run.proc.is_alive()):
+                    and not run.killed and run.proc.is_alive()):
                 run.proc.kill()
+                run.killed = True
                 note(spec, {"event": "killed", "after_round": group_round})
         if all(r.proc is not None and not r.proc.is_alive() for r in runs):
             return
