@@ -31,6 +31,7 @@ import torch
 
 import pccl
 from stress import chaos_values as V
+from transport.frame import PROTOCOL_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 #: The frame header (§2): magic, version, type, flags, reserved, tag, seq, offset, total, length.
@@ -38,7 +39,7 @@ HEADER = struct.Struct("<2sBBHHQQQQQ")
 HELLO, CHALLENGE, AUTH, ACCEPT, REJECT, CONTROL, DATA, HEARTBEAT, CLOSE, ABORT_TAG = range(1, 11)
 
 
-def frame(frame_type: int, payload: bytes = b"", *, version: int = 1, flags: int = 0, reserved: int = 0,
+def frame(frame_type: int, payload: bytes = b"", *, version: int = PROTOCOL_VERSION, flags: int = 0, reserved: int = 0,
           tag: int = 0, seq: int = 0, offset: int = 0, total: int = 0, length: int | None = None) -> bytes:
     """One frame; ``length`` may lie about the payload (an oversized or short length field)."""
     n = len(payload) if length is None else length
@@ -92,8 +93,8 @@ class RawClient:
         Raises:
             ConnectionError: the server refused or closed.
         """
-        hello: dict[str, Any] = {"version": 1, "role": role, "peer_id": peer_id, "nonce": os.urandom(32),
-                                 "auth": False}
+        hello: dict[str, Any] = {"version": PROTOCOL_VERSION, "role": role, "peer_id": peer_id,
+                                 "nonce": os.urandom(32), "auth": False}
         if link_id is not None:
             hello.update(link_id=link_id, index=index, pool_size=pool_size)
         self.send(frame(HELLO, msgpack.packb(["transport.hello", hello], use_bin_type=True)))

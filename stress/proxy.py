@@ -37,6 +37,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
+from transport.frame import PROTOCOL_VERSION
 
 log = logging.getLogger("stress.proxy")
 
@@ -114,13 +115,13 @@ def make_garbage(kind: str, rng: random.Random) -> bytes:
         return bytes(body)
     if kind == "bad_type":
         frame_type = rng.choice([0, *range(11, 256)])
-        return _HEADER.pack(b"PC", 1, frame_type, 0, 0, 0, 0, 0, 0, 0)
+        return _HEADER.pack(b"PC", PROTOCOL_VERSION, frame_type, 0, 0, 0, 0, 0, 0, 0)
     if kind == "oversized":
         length = rng.randint(MAX_CONTROL_PAYLOAD + 1, 1 << 62)
-        return _HEADER.pack(b"PC", 1, _CONTROL, 0, 0, 0, 0, 0, 0, length)
+        return _HEADER.pack(b"PC", PROTOCOL_VERSION, _CONTROL, 0, 0, 0, 0, 0, 0, length)
     if kind == "bad_control":
         payload = b"\xc1" + rng.randbytes(rng.randint(0, 63))
-        return _HEADER.pack(b"PC", 1, _CONTROL, 0, 0, 0, 0, 0, 0, len(payload)) + payload
+        return _HEADER.pack(b"PC", PROTOCOL_VERSION, _CONTROL, 0, 0, 0, 0, 0, 0, len(payload)) + payload
     raise ValueError(f"unknown garbage kind {kind!r}; one of {GARBAGE_KINDS}")
 
 

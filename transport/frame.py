@@ -15,7 +15,7 @@ from transport.errors import ProtocolError
 #: First two bytes of every frame: lets a reader reject a stranger at once.
 MAGIC = b"PC"
 #: Wire protocol version; a peer speaking another one is refused in the hello (§1).
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: ``<`` little-endian, no padding: magic, version, type, flags, reserved,
 #: tag, seq, offset, total, length (§2).

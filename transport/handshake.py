@@ -1,4 +1,5 @@
-"""The connection handshake: versioned hello, mutual HMAC challenge-response, session keys.
+"""The connection handshake: versioned hello, mutual HMAC challenge-response, session keys
+(with an ephemeral X25519 exchange when encrypting, for forward secrecy).
 
 Wire flow and message fields are in ``docs/protocol.md`` §1. The functions here
 only need a way to send and receive handshake frames (and to switch encryption
@@ -15,6 +16,7 @@ from typing import Protocol
 
 import msgpack
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from transport.errors import AuthenticationError, InvalidUsageError, ProtocolError
@@ -22,13 +24,15 @@ from transport.frame import PROTOCOL_VERSION, FrameHeader, FrameType
 from transport.message import decode, encode, message
 
 NONCE_SIZE = 32
+#: Size of an X25519 public key (the ``ephemeral`` fields, §1).
+EPHEMERAL_SIZE = 32
 #: Default time a handshake may take before the connection is dropped (§1).
 HANDSHAKE_TIMEOUT = 5.0
 MAX_ROLE_LEN = 64
 MAX_PEER_ID_LEN = 256
 MAX_POOL_SIZE = 256
 _U64_MAX = (1 << 64) - 1
-_TRANSCRIPT_LABEL = "pccl handshake v1"
+_TRANSCRIPT_LABEL = "pccl handshake v2"
 
 PeerId = int | str | None
 
@@ -46,9 +50,11 @@ class Hello:
     index: int = 0
     pool_size: int = 1
     encrypt: bool = False
+    ephemeral: bytes = b""  # X25519 public key, exactly when ``encrypt``
 
     def __post_init__(self) -> None:
         _check_nonce(self.nonce)
+        _check_ephemeral(self.ephemeral, self.encrypt)
         check_identity(self.role, self.peer_id)
         if self.link_id is not None and not 0 <= self.link_id <= _U64_MAX:
             raise ValueError("link_id must be an unsigned 64-bit integer")
@@ -64,9 +70,12 @@ class Challenge:
     proof: bytes
     role: str
     peer_id: int | str | None
+    ephemeral: bytes = b""  # X25519 public key, exactly when the client asked to encrypt
 
     def __post_init__(self) -> None:
         _check_nonce(self.nonce)
+        if len(self.ephemeral) not in (0, EPHEMERAL_SIZE):
+            raise ValueError(f"ephemeral key must be {EPHEMERAL_SIZE} bytes or empty, got {len(self.ephemeral)}")
         check_identity(self.role, self.peer_id)
 
 
@@ -92,7 +101,8 @@ class Reject:
 
 @dataclass(frozen=True, slots=True)
 class SessionKeys:
-    """Per-connection key material derived from the secret and both nonces (HKDF-SHA256)."""
+    """Per-connection key material derived from the secret, both nonces and, when encrypting,
+    the ephemeral X25519 exchange (HKDF-SHA256)."""
 
     client_to_server: bytes
     server_to_client: bytes
@@ -128,6 +138,24 @@ def _check_nonce(nonce: bytes) -> None:
         raise ValueError(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}")
 
 
+def _check_ephemeral(key: bytes, encrypt: bool) -> None:
+    if len(key) != (EPHEMERAL_SIZE if encrypt else 0):
+        want = f"{EPHEMERAL_SIZE} bytes" if encrypt else "empty"
+        raise ValueError(f"ephemeral key must be {want} with encrypt={encrypt}, got {len(key)} bytes")
+
+
+def _exchange(private: X25519PrivateKey, public: bytes) -> bytes:
+    """The X25519 shared secret with the peer's ``public`` key.
+
+    Raises:
+        ProtocolError: ``public`` is a low-order point (the result would be all zeros).
+    """
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError as exc:
+        raise ProtocolError(f"unusable ephemeral key in the handshake: {exc}") from exc
+
+
 def check_identity(role: str, peer_id: PeerId) -> None:
     """Raise ValueError unless ``role``/``peer_id`` fit the hello's limits (§1)."""
     if not role or len(role) > MAX_ROLE_LEN:
@@ -139,7 +167,7 @@ def check_identity(role: str, peer_id: PeerId) -> None:
 def _transcript(hello_payload: bytes, challenge: Challenge) -> bytes:
     """The bytes both proofs are computed over: binds the hello, the server nonce and identity."""
     packed: bytes = msgpack.packb(
-        [_TRANSCRIPT_LABEL, hello_payload, challenge.nonce, challenge.role, challenge.peer_id],
+        [_TRANSCRIPT_LABEL, hello_payload, challenge.nonce, challenge.role, challenge.peer_id, challenge.ephemeral],
         use_bin_type=True,
     )
     return hashlib.sha256(packed).digest()
@@ -149,14 +177,17 @@ def _proof(secret: bytes, side: bytes, transcript: bytes) -> bytes:
     return hmac.new(secret, side + transcript, hashlib.sha256).digest()
 
 
-def derive_keys(secret: bytes | None, client_nonce: bytes, server_nonce: bytes, transcript: bytes) -> SessionKeys:
-    """HKDF-SHA256 over the secret, salted with both nonces; one key per direction. Raises nothing."""
+def derive_keys(
+    secret: bytes | None, client_nonce: bytes, server_nonce: bytes, transcript: bytes, shared: bytes = b""
+) -> SessionKeys:
+    """HKDF-SHA256 over the secret and the X25519 ``shared`` secret (empty when not encrypting),
+    salted with both nonces; one key per direction. Raises nothing."""
     okm = HKDF(
         algorithm=hashes.SHA256(),
         length=64,
         salt=client_nonce + server_nonce,
-        info=b"pccl session keys v1" + transcript,
-    ).derive(secret or b"")
+        info=b"pccl session keys v2" + transcript,
+    ).derive((secret or b"") + shared)
     return SessionKeys(okm[:32], okm[32:])
 
 
@@ -203,9 +234,11 @@ async def client_handshake(
             without a secret.
     """
     check_encrypt(encrypt, secret)
+    private = X25519PrivateKey.generate() if encrypt else None
+    ephemeral = private.public_key().public_bytes_raw() if private is not None else b""
     try:
         hello = Hello(version, role, peer_id, secrets.token_bytes(NONCE_SIZE), secret is not None,
-                      link_id, index, pool_size, encrypt)
+                      link_id, index, pool_size, encrypt, ephemeral)
     except ValueError as exc:
         raise InvalidUsageError(str(exc)) from exc
     hello_payload = encode(hello)
@@ -220,7 +253,12 @@ async def client_handshake(
         if not hmac.compare_digest(challenge.proof, _proof(secret, b"server", transcript)):
             raise AuthenticationError("the server could not prove it knows the shared secret (wrong secret?)")
         proof = _proof(secret, b"client", transcript)
-    keys = derive_keys(secret, hello.nonce, challenge.nonce, transcript)
+    shared = b""
+    if private is not None:
+        if len(challenge.ephemeral) != EPHEMERAL_SIZE:
+            raise ProtocolError("the server sent no ephemeral key although we encrypt")
+        shared = _exchange(private, challenge.ephemeral)
+    keys = derive_keys(secret, hello.nonce, challenge.nonce, transcript, shared)
     channel.send_handshake(FrameType.AUTH, encode(Auth(proof)), version=version)
     if encrypt:
         # Before ACCEPT can arrive: whatever the server sends behind it is sealed (§2.1).
@@ -267,10 +305,12 @@ async def server_handshake(
         raise AuthenticationError(
             f"peer {hello.peer_id!r} connected with encrypt={hello.encrypt}, this server has encrypt={encrypt}"
         )
-    challenge = Challenge(secrets.token_bytes(NONCE_SIZE), b"", role, peer_id)
+    private = X25519PrivateKey.generate() if encrypt else None
+    ephemeral = private.public_key().public_bytes_raw() if private is not None else b""
+    challenge = Challenge(secrets.token_bytes(NONCE_SIZE), b"", role, peer_id, ephemeral)
     transcript = _transcript(bytes(payload), challenge)
     if secret is not None:
-        challenge = Challenge(challenge.nonce, _proof(secret, b"server", transcript), role, peer_id)
+        challenge = Challenge(challenge.nonce, _proof(secret, b"server", transcript), role, peer_id, ephemeral)
     channel.send_handshake(FrameType.CHALLENGE, encode(challenge))
     header, payload = await channel.recv_handshake()
     if header.type is not FrameType.AUTH or header.version != PROTOCOL_VERSION:
@@ -280,8 +320,9 @@ async def server_handshake(
     if not hmac.compare_digest(auth.proof, expected):
         _reject(channel, "authentication failed")
         raise AuthenticationError(f"peer {hello.peer_id!r} failed authentication (wrong secret?)")
+    shared = _exchange(private, hello.ephemeral) if private is not None else b""
     channel.send_handshake(FrameType.ACCEPT, encode(Accept()))
-    keys = derive_keys(secret, hello.nonce, challenge.nonce, transcript)
+    keys = derive_keys(secret, hello.nonce, challenge.nonce, transcript, shared)
     if encrypt:
         channel.start_encryption(keys)  # ACCEPT went out in clear; everything after it is sealed
     return HandshakeResult(hello, hello.role, hello.peer_id, keys, encrypt)

@@ -30,6 +30,7 @@ from transport.errors import AuthenticationError
 from transport.link import Link, connect_link
 from transport.loop import new_event_loop
 from transport.message import encode
+from transport.frame import PROTOCOL_VERSION
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
@@ -58,14 +59,14 @@ class Stranger:
         return cls(*await asyncio.open_connection(HOST, port))
 
     def frame(self, kind: int, payload: bytes = b"", tag: int = 0, total: int = 0) -> None:
-        self.writer.write(HDR.pack(b"PC", 1, kind, 0, 0, tag, 0, 0, total, len(payload)) + payload)
+        self.writer.write(HDR.pack(b"PC", PROTOCOL_VERSION, kind, 0, 0, tag, 0, 0, total, len(payload)) + payload)
 
     def msg(self, kind: int, name: str, fields: dict[str, Any]) -> None:
         self.frame(kind, msgpack.packb([name, fields], use_bin_type=True))
 
     def hello(self, role: str, peer_id: Any, *, auth: bool = True, link: bool = False) -> None:
-        fields: dict[str, Any] = {"version": 1, "role": role, "peer_id": peer_id, "nonce": os.urandom(32),
-                                  "auth": auth}
+        fields: dict[str, Any] = {"version": PROTOCOL_VERSION, "role": role, "peer_id": peer_id,
+                                  "nonce": os.urandom(32), "auth": auth}
         if link:
             fields.update(link_id=12345, index=0, pool_size=1)
         self.msg(HELLO, "transport.hello", fields)
@@ -143,7 +144,7 @@ def test_master_processes_nothing_from_an_unauthenticated_party() -> None:
             from transport.connection import open_connection
 
             conn = await open_connection(HOST, master.port, role="peer", peer_id=None, secret=SECRET)
-            conn.write_frame(HDR.pack(b"PC", 1, CONTROL, 0, 0, 0, 0, 0, 0, len(register)), register)
+            conn.write_frame(HDR.pack(b"PC", PROTOCOL_VERSION, CONTROL, 0, 0, 0, 0, 0, 0, len(register)), register)
             assert isinstance(await conn.recv_message(), P.Welcome)
             conn.close()
             await conn.wait_closed()

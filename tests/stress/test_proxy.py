@@ -26,6 +26,7 @@ from transport.link import Link, connect_link
 from transport.loop import new_event_loop
 from transport.message import decode, message
 from transport.server import start_server
+from transport.frame import PROTOCOL_VERSION
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
@@ -57,7 +58,7 @@ def arun(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
 
 def frame(length: int) -> bytes:
     """A frame as §2 lays it out: 48-byte header whose last u64 is the payload length."""
-    return struct.pack("<2sBBHHQQQQQ", b"PC", 1, 7, 0, 0, 1, 2, 0, length, length) + bytes(length)
+    return struct.pack("<2sBBHHQQQQQ", b"PC", PROTOCOL_VERSION, 7, 0, 0, 1, 2, 0, length, length) + bytes(length)
 
 
 # -- pure parts ------------------------------------------------------------------------------

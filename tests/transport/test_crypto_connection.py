@@ -17,7 +17,9 @@ from contextlib import asynccontextmanager
 
 import msgpack
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -26,6 +28,7 @@ from transport.connection import Connection, open_connection
 from transport.crypto import COUNTER_LIMIT
 from transport.errors import AuthenticationError, InvalidUsageError, PeerLostError
 from transport.link import Link, LinkReady, connect_link
+from transport.frame import PROTOCOL_VERSION
 from transport.server import start_server
 
 SECRET = b"correct horse battery staple"
@@ -375,7 +378,7 @@ def test_heartbeats_and_close_reasons_travel_sealed() -> None:
 
 
 def test_a_client_written_from_the_document_talks_to_an_encrypting_server() -> None:
-    """Keys from HKDF as §1 defines it, frames as §2.1 lays them out, both directions."""
+    """Keys from X25519 and HKDF as §1 defines them, frames as §2.1 lays them out, both directions."""
 
     def nonce(i: int) -> bytes:
         return i.to_bytes(12, "little")
@@ -389,31 +392,74 @@ def test_a_client_written_from_the_document_talks_to_an_encrypting_server() -> N
 
         async with await start_server(HOST, 0, on_connection, secret=SECRET, encrypt=True) as server:
             peer = await RawPeer.connect(server.port)
-            fields = hello_fields(True) | {"encrypt": True}
+            ours_dh = X25519PrivateKey.generate()
+            fields = hello_fields(True) | {"encrypt": True, "ephemeral": ours_dh.public_key().public_bytes_raw()}
             hello = peer.send_msg(HELLO, "transport.hello", fields)
             _v, kind, (_n, challenge) = await peer.recv()
-            assert kind == CHALLENGE
-            t = hashlib.sha256(msgpack.packb(["pccl handshake v1", hello, challenge["nonce"], challenge["role"],
-                                              challenge["peer_id"]], use_bin_type=True)).digest()
+            assert kind == CHALLENGE and len(challenge["ephemeral"]) == 32
+            t = hashlib.sha256(msgpack.packb(["pccl handshake v2", hello, challenge["nonce"], challenge["role"],
+                                              challenge["peer_id"], challenge["ephemeral"]],
+                                             use_bin_type=True)).digest()
             assert hmac.compare_digest(challenge["proof"], hmac.new(SECRET, b"server" + t, hashlib.sha256).digest())
             peer.send_msg(AUTH, "transport.auth", {"proof": hmac.new(SECRET, b"client" + t, hashlib.sha256).digest()})
             assert (await peer.recv())[1] == ACCEPT
+            shared = ours_dh.exchange(X25519PublicKey.from_public_bytes(challenge["ephemeral"]))
             okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=fields["nonce"] + challenge["nonce"],
-                       info=b"pccl session keys v1" + t).derive(SECRET)
+                       info=b"pccl session keys v2" + t).derive(SECRET + shared)
             c2s, s2c = AESGCM(okm[:32]), AESGCM(okm[32:])
+            # What a member who holds the secret and recorded every handshake byte could derive:
+            # without one side's ephemeral private key, not the session keys (forward secrecy).
+            recorded = HKDF(algorithm=hashes.SHA256(), length=64, salt=fields["nonce"] + challenge["nonce"],
+                            info=b"pccl session keys v2" + t).derive(SECRET)
             # The server's first sealed frame: header ‖ tag, then one record.
             header = await peer.reader.readexactly(HDR.size)
-            s2c.decrypt(nonce(0), await peer.reader.readexactly(TAG), header)
+            header_tag = await peer.reader.readexactly(TAG)
+            with pytest.raises(InvalidTag):
+                AESGCM(recorded[32:]).decrypt(nonce(0), header_tag, header)
+            s2c.decrypt(nonce(0), header_tag, header)
             length = HDR.unpack(header)[-1]
             assert header[3] == 6 and 0 < length < RECORD
             plain = s2c.decrypt(nonce(1), await peer.reader.readexactly(length + TAG), header)
             assert msgpack.unpackb(plain) == ["transport.link_ready", {"link_id": 99}]
             # And a sealed frame of ours reaches the server's inbox.
             payload = msgpack.packb(["transport.link_ready", {"link_id": 5}], use_bin_type=True)
-            ours = HDR.pack(b"PC", 1, 6, 0, 0, 0, 0, 0, 0, len(payload))
+            ours = HDR.pack(b"PC", PROTOCOL_VERSION, 6, 0, 0, 0, 0, 0, 0, len(payload))
             peer.writer.write(ours + c2s.encrypt(nonce(0), b"", ours) + c2s.encrypt(nonce(1), payload, ours))
             conn = await asyncio.wait_for(accepted.get(), 5)
             assert conn.encrypted and await asyncio.wait_for(conn.recv_message(), 5) == LinkReady(5)
             peer.close()
+
+    arun(main())
+
+
+@pytest.mark.parametrize("ephemeral", [b"", bytes(32)], ids=["missing", "low-order-point"])
+def test_an_encrypting_client_without_a_usable_ephemeral_key_is_refused(
+    ephemeral: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that knows the secret but sends no X25519 key (or the all-zero point, which
+    would make the exchange's result known to anyone) never gets an encrypted connection."""
+
+    async def main() -> None:
+        accepted: list[Connection] = []
+        async with await start_server(HOST, 0, accepted.append, secret=SECRET, encrypt=True) as server:
+            with caplog.at_level(logging.WARNING, logger="transport.server"):
+                peer = await RawPeer.connect(server.port)
+                fields = hello_fields(True) | {"encrypt": True, "ephemeral": ephemeral}
+                hello = peer.send_msg(HELLO, "transport.hello", fields)
+                if ephemeral:  # a well-formed hello: the server answers, then refuses the key
+                    _v, kind, (_n, challenge) = await peer.recv()
+                    assert kind == CHALLENGE
+                    t = hashlib.sha256(msgpack.packb(
+                        ["pccl handshake v2", hello, challenge["nonce"], challenge["role"], challenge["peer_id"],
+                         challenge["ephemeral"]], use_bin_type=True)).digest()
+                    peer.send_msg(AUTH, "transport.auth",
+                                  {"proof": hmac.new(SECRET, b"client" + t, hashlib.sha256).digest()})
+                assert await asyncio.wait_for(peer.reader.read(), 5) == b""  # closed without ACCEPT
+                peer.close()
+            assert any("ephemeral" in r.getMessage() for r in caplog.records)
+            good = await open_connection(HOST, server.port, role="peer", peer_id=2, secret=SECRET, encrypt=True)
+            assert good.encrypted
+            good.close()
+        assert [c.peer_id for c in accepted] == [2]
 
     arun(main())

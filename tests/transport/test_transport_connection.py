@@ -11,7 +11,7 @@ import pytest
 from tp_helpers import CONTROL, HDR, HOST, arun, conn_pair, raw_open
 from transport.connection import Connection, open_connection
 from transport.errors import InvalidUsageError, PeerLostError
-from transport.frame import FrameType, pack_header
+from transport.frame import PROTOCOL_VERSION, FrameType, pack_header
 from transport.message import message
 from transport.server import start_server
 
@@ -129,10 +129,10 @@ def test_silent_peer_is_detected_by_heartbeat_timeout() -> None:
     "garbage",
     [
         b"\x00" * 48,  # bad magic
-        HDR.pack(b"PC", 1, 6, 0, 0, 0, 0, 0, 0, 1 << 30),  # control payload over the limit
-        HDR.pack(b"PC", 1, 1, 0, 0, 0, 0, 0, 0, 0),  # HELLO after the handshake
-        HDR.pack(b"PC", 1, 7, 0, 0, 1, 0, 0, 4, 4) + b"data",  # DATA on a plain connection
-        HDR.pack(b"PC", 1, 6, 0, 0, 0, 0, 0, 0, 3) + b"\xc1\xc1\xc1",  # not msgpack
+        HDR.pack(b"PC", PROTOCOL_VERSION, 6, 0, 0, 0, 0, 0, 0, 1 << 30),  # control payload over the limit
+        HDR.pack(b"PC", PROTOCOL_VERSION, 1, 0, 0, 0, 0, 0, 0, 0),  # HELLO after the handshake
+        HDR.pack(b"PC", PROTOCOL_VERSION, 7, 0, 0, 1, 0, 0, 4, 4) + b"data",  # DATA on a plain connection
+        HDR.pack(b"PC", PROTOCOL_VERSION, 6, 0, 0, 0, 0, 0, 0, 3) + b"\xc1\xc1\xc1",  # not msgpack
     ],
     ids=["magic", "oversize", "hello-again", "data", "bad-msgpack"],
 )
@@ -230,4 +230,4 @@ def test_async_on_connection_callback_runs_as_task() -> None:
 def test_header_struct_matches_document() -> None:
     # The raw peer used above builds headers from docs/protocol.md §2.
     assert HDR.format == struct.Struct("<2sBBHHQQQQQ").format
-    assert pack_header(FrameType.CONTROL, 3) == HDR.pack(b"PC", 1, 6, 0, 0, 0, 0, 0, 0, 3)
+    assert pack_header(FrameType.CONTROL, 3) == HDR.pack(b"PC", PROTOCOL_VERSION, 6, 0, 0, 0, 0, 0, 0, 3)

@@ -17,12 +17,13 @@ import pytest
 from tp_helpers import ACCEPT, AUTH, CHALLENGE, HELLO, HOST, REJECT, RawPeer, arun, conn_pair, hello_fields
 from transport.connection import Connection, open_connection
 from transport.errors import AuthenticationError, PeerUnreachableError
+from transport.frame import PROTOCOL_VERSION
 from transport.server import start_server
 
 
 def transcript(hello_payload: bytes, challenge: dict[str, object]) -> bytes:
-    packed = msgpack.packb(["pccl handshake v1", hello_payload, challenge["nonce"], challenge["role"],
-                            challenge["peer_id"]], use_bin_type=True)
+    packed = msgpack.packb(["pccl handshake v2", hello_payload, challenge["nonce"], challenge["role"],
+                            challenge["peer_id"], challenge["ephemeral"]], use_bin_type=True)
     return hashlib.sha256(packed).digest()
 
 
@@ -30,7 +31,8 @@ async def raw_authenticate(peer: RawPeer, secret: bytes) -> tuple[bytes, bytes]:
     """Run §1 with ``secret`` from the document; returns (hello payload, AUTH payload) sent."""
     hello = peer.send_msg(HELLO, "transport.hello", hello_fields(True))
     version, kind, (name, challenge) = await peer.recv()
-    assert (version, kind, name) == (1, CHALLENGE, "transport.challenge")
+    assert (version, kind, name) == (PROTOCOL_VERSION, CHALLENGE, "transport.challenge")
+    assert challenge["ephemeral"] == b""  # no key exchange without encryption
     t = transcript(hello, challenge)
     assert hmac.compare_digest(challenge["proof"], hmac.new(secret, b"server" + t, hashlib.sha256).digest())
     auth = peer.send_msg(AUTH, "transport.auth", {"proof": hmac.new(secret, b"client" + t, hashlib.sha256).digest()})
@@ -122,8 +124,8 @@ def test_version_mismatch_server_side_names_both_versions() -> None:
             peer = await RawPeer.connect(server.port)
             peer.send_msg(HELLO, "transport.hello", hello_fields(False, version=9), version=9)
             version, kind, (name, fields) = await peer.recv()
-            assert (version, kind) == (1, REJECT)
-            assert "client speaks 9" in fields["reason"] and "server speaks 1" in fields["reason"]
+            assert (version, kind) == (PROTOCOL_VERSION, REJECT)
+            assert "client speaks 9" in fields["reason"] and f"server speaks {PROTOCOL_VERSION}" in fields["reason"]
             assert await peer.at_eof()
             peer.close()
 
@@ -134,14 +136,14 @@ def test_version_mismatch_client_side_names_both_versions() -> None:
     async def fake_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = RawPeer(reader, writer)
         await peer.recv()
-        peer.send_msg(REJECT, "transport.reject", {"reason": "upgrade", "version": 2}, version=2)
+        peer.send_msg(REJECT, "transport.reject", {"reason": "upgrade", "version": 9}, version=9)
         await writer.drain()
         writer.close()
 
     async def main() -> None:
         server = await asyncio.start_server(fake_server, HOST, 0)
         port = server.sockets[0].getsockname()[1]
-        with pytest.raises(AuthenticationError, match="we speak 1, the server speaks 2"):
+        with pytest.raises(AuthenticationError, match=f"we speak {PROTOCOL_VERSION}, the server speaks 9"):
             await open_connection(HOST, port, role="peer", peer_id=1)
         server.close()
         await server.wait_closed()

@@ -16,6 +16,7 @@ from transport.connection import Connection, open_connection
 from transport.link import Link, connect_link
 from transport.loop import new_event_loop
 from transport.server import Server, start_server
+from transport.frame import PROTOCOL_VERSION
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
@@ -111,10 +112,10 @@ class RawPeer:
     async def connect(cls, port: int) -> RawPeer:
         return cls(*await asyncio.open_connection(HOST, port))
 
-    def send(self, frame_type: int, payload: bytes, version: int = 1) -> None:
+    def send(self, frame_type: int, payload: bytes, version: int = PROTOCOL_VERSION) -> None:
         self.writer.write(HDR.pack(b"PC", version, frame_type, 0, 0, 0, 0, 0, 0, len(payload)) + payload)
 
-    def send_msg(self, frame_type: int, name: str, fields: dict[str, object], version: int = 1) -> bytes:
+    def send_msg(self, frame_type: int, name: str, fields: dict[str, object], version: int = PROTOCOL_VERSION) -> bytes:
         payload = msgpack.packb([name, fields], use_bin_type=True)
         self.send(frame_type, payload, version)
         return payload
@@ -140,7 +141,7 @@ class RawPeer:
         self.writer.close()
 
 
-def hello_fields(auth: bool, version: int = 1) -> dict[str, object]:
+def hello_fields(auth: bool, version: int = PROTOCOL_VERSION) -> dict[str, object]:
     return {"version": version, "role": "peer", "peer_id": "raw", "nonce": os.urandom(32), "auth": auth}
 
 
