@@ -165,7 +165,7 @@ def check_identity(role: str, peer_id: PeerId) -> None:
 
 
 def _transcript(hello_payload: bytes, challenge: Challenge) -> bytes:
-    """The bytes both proofs are computed over: binds the hello, the server nonce and identity."""
+    """The bytes both proofs are computed over: binds the hello, the server nonce, identity and ephemeral key."""
     packed: bytes = msgpack.packb(
         [_TRANSCRIPT_LABEL, hello_payload, challenge.nonce, challenge.role, challenge.peer_id, challenge.ephemeral],
         use_bin_type=True,
