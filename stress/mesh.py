@@ -37,7 +37,6 @@ from typing import Any, Mapping, Sequence
 from stress import netns
 from stress.netns import NetnsError
 from stress.netns import run_setup as _run
-from stress.wan import _wait_all
 
 log = logging.getLogger(__name__)
 
@@ -261,16 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             names.update({f"ns{i}": mesh.ns(i) for i in range(1, peers + 1)})
             env = dict(os.environ, **{f"MESH_ADDR_{i}": mesh.addr(i) for i in range(1, peers + 1)})
 
-            def fill(cmd: list[str]) -> list[str]:
-                out = []
-                for arg in cmd:
-                    for key, value in names.items():
-                        arg = arg.replace("{" + key + "}", value)
-                    out.append(arg)
-                return out
-
-            procs = [mesh.popen(i, fill(cmd), env=env) for i, cmd in enumerate(cmds, start=1)]
-            return _wait_all(procs, args.timeout)
+            procs = [mesh.popen(i, netns.fill_placeholders(cmd, names), env=env)
+                     for i, cmd in enumerate(cmds, start=1)]
+            return netns.wait_all(procs, args.timeout)
     except (NetnsError, ValueError) as exc:
         print(f"stress.mesh: error: {exc}", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from types import FrameType, TracebackType
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,35 @@ def signal_all(pids: set[int], sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def fill_placeholders(cmd: Sequence[str], names: Mapping[str, str]) -> list[str]:
+    """``cmd`` with every ``{name}`` replaced by ``names[name]`` (the CLIs' ``{addr1}``, ``{ns_a}``, ...)."""
+    out = []
+    for arg in cmd:
+        for key, value in names.items():
+            arg = arg.replace("{" + key + "}", value)
+        out.append(arg)
+    return out
+
+
+def wait_all(procs: list[subprocess.Popen[Any]], timeout: float | None,
+             sleep: Callable[[float], None] = time.sleep) -> int:
+    """Wait for every process; if one fails, stop the rest. Returns the exit status."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed or all(c is not None for c in codes):
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            return failed[0] if failed else 0
+        if deadline is not None and time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            return 124
+        sleep(0.05)
 
 
 class Namespaces:

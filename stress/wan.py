@@ -41,9 +41,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from stress import netns
 from stress.netns import NetnsError as WanError  # the name this module's callers know
@@ -278,25 +277,6 @@ def _split_commands(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
     return options, rest, []
 
 
-def _wait_all(procs: list[subprocess.Popen[Any]], timeout: float | None,
-              sleep: Callable[[float], None] = time.sleep) -> int:
-    """Wait for every process; if one fails, stop the rest. Returns the exit status."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        codes = [p.poll() for p in procs]
-        failed = [c for c in codes if c not in (None, 0)]
-        if failed or all(c is not None for c in codes):
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            return failed[0] if failed else 0
-        if deadline is not None and time.monotonic() > deadline:
-            for p in procs:
-                p.kill()
-            return 124
-        sleep(0.05)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m stress.wan [options] -- CMD_A ... [::: CMD_B ...]``; returns the exit status."""
     import argparse
@@ -319,19 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             names = {"addr_a": wan.addr_a, "addr_b": wan.addr_b, "ns_a": wan.ns_a, "ns_b": wan.ns_b}
             env = dict(os.environ, WAN_ADDR_A=wan.addr_a, WAN_ADDR_B=wan.addr_b)
 
-            def fill(cmd: list[str]) -> list[str]:
-                out = []
-                for arg in cmd:
-                    for key, value in names.items():
-                        arg = arg.replace("{" + key + "}", value)
-                    out.append(arg)
-                return out
-
             # B first: it is usually the side that listens.
-            procs = [wan.popen_b(fill(cmd_b), env=env)] if cmd_b else []
+            procs = [wan.popen_b(netns.fill_placeholders(cmd_b, names), env=env)] if cmd_b else []
             if cmd_a:
-                procs.append(wan.popen_a(fill(cmd_a), env=env))
-            return _wait_all(procs, args.timeout)
+                procs.append(wan.popen_a(netns.fill_placeholders(cmd_a, names), env=env))
+            return netns.wait_all(procs, args.timeout)
     except WanError as exc:
         print(f"stress.wan: error: {exc}", file=sys.stderr)
         return 1
