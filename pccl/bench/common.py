@@ -9,7 +9,7 @@ import math
 import os
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -140,3 +140,20 @@ def write_plot(path: str | os.PathLike[str], figure: "Figure") -> None:
 
     plot.save(figure, path)
     print(f"plot written to {os.fspath(path)}")
+
+
+def worker_or_cli(
+    argv: Sequence[str],
+    prog: str,
+    doc: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+    worker: Callable[[dict[str, Any]], int],
+) -> int:
+    """Entry of a benchmark module: ``--worker CONFIG_JSON`` runs one worker process (started
+    by the benchmark itself), anything else is the command line of ``prog``."""
+    if len(argv) == 2 and argv[0] == "--worker":
+        return worker(json.loads(argv[1]))
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -41,6 +41,7 @@ from pccl.bench.common import (
     thread_env,
     threads_per_process,
     write_json,
+    worker_or_cli,
     write_plot,
 )
 
@@ -348,14 +349,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _main(argv: Sequence[str]) -> int:
-    if len(argv) == 2 and argv[0] == "--worker":
-        return _worker(json.loads(argv[1]))
-    parser = argparse.ArgumentParser(prog="python -m pccl.bench.topology", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    sys.exit(worker_or_cli(sys.argv[1:], "python -m pccl.bench.topology", __doc__, add_arguments, run, _worker))
