@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pccl.communicator import Communicator
 from pccl.peer_session import CollectiveContext
@@ -92,12 +92,17 @@ def main() -> int:
     args = parser.parse_args()
     comm = Communicator(args.master, peer_group=args.group, connections=2, secret=args.secret,
                         advertise_host=args.advertise_host)
+    return serve(comm, execute)
+
+
+def serve(comm: Communicator, run: Callable[[Communicator, dict[str, Any]], Any]) -> int:
+    """Say "started", then answer one JSON command per stdin line with ``run`` until "close"."""
     print(json.dumps({"ok": True, "result": "started"}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         t0 = time.monotonic()
         try:
-            reply = {"ok": True, "result": execute(comm, cmd)}
+            reply = {"ok": True, "result": run(comm, cmd)}
         except Exception as exc:  # every error goes back to the test, which asserts on it
             reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
         reply["at"] = time.time()

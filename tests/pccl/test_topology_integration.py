@@ -8,7 +8,6 @@ re-ordering around slow links is shown in namespaces (``tests/stress/test_topolo
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 from typing import Any
@@ -16,22 +15,12 @@ from typing import Any
 import pytest
 
 import pccl
+from collective_helpers import PeerProcess
 from pccl.bench.topology import run_benchmark
 from pccl.master_rings import ring_edges
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "topology_peer.py"
-
-
-def _peer_process_class() -> Any:
-    spec = importlib.util.spec_from_file_location("pccl_topology_conftest", HERE / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.PeerProcess
-
-
-PeerProcess = _peer_process_class()
 
 
 def _wait_for(predicate: Any, timeout: float, what: str) -> None:
