@@ -7,74 +7,23 @@ from typing import Any
 
 import pytest
 
+import master_harness
 from pccl import protocol as P
 from pccl.bandwidth import probe_time_bound
 from pccl.master_rings import ring_edges
-from pccl.master_state import (
-    DEFAULT_PROBE_SECONDS,
-    Bind,
-    Kick,
-    MasterState,
-    PeerLost,
-    Received,
-    RegisterRequest,
-    Send,
-    Tick,
-)
+from pccl.master_state import DEFAULT_PROBE_SECONDS, Bind, MasterState, PeerLost, Received, RegisterRequest, Send, Tick
 
 TIMEOUT = 1000.0  # heartbeats are not what these tests are about
 
 
-class Harness:
-    """Drives a measuring MasterState; keeps every peer's inbox."""
+class Harness(master_harness.Harness):
+    """A measuring master; peers register from distinct (non-loopback) addresses."""
 
     def __init__(self, **kwargs: Any) -> None:
-        self.state = MasterState(TIMEOUT, measure_bandwidth=True, **kwargs)
-        self.now = 0.0
-        self.inbox: dict[int, list[Any]] = {}
-        self.kicks: dict[int, Kick] = {}
-        self._conn = 0
+        super().__init__(TIMEOUT, measure_bandwidth=True, **kwargs)
 
-    def feed(self, event: Any) -> None:
-        for action in self.state.handle(self.now, event):
-            if isinstance(action, Bind):
-                self.inbox[action.peer] = []
-            elif isinstance(action, Send):
-                self.inbox[action.peer].append(action.msg)
-            elif isinstance(action, Kick):
-                self.kicks[action.peer] = action
-
-    def register(self, group: int = 0) -> int:
-        self._conn += 1
-        before = set(self.inbox)
-        self.feed(RegisterRequest(self._conn, P.Register(group, 5000 + self._conn), f"10.0.0.{self._conn}"))
-        (peer,) = set(self.inbox) - before
-        return peer
-
-    def send(self, peer: int, msg: Any) -> None:
-        self.feed(Received(peer, msg))
-
-    def take(self, peer: int, kind: type) -> list[Any]:
-        got = [m for m in self.inbox[peer] if isinstance(m, kind)]
-        self.inbox[peer] = [m for m in self.inbox[peer] if not isinstance(m, kind)]
-        return got
-
-    def ready_all(self) -> None:
-        for group in list(self.state.groups.values()):
-            for peer in list(group.ring):
-                if group.id in self.state.groups and peer in group.ring:
-                    self.send(peer, P.LinksReady(group.epoch))
-
-    def run_of(self, n: int, group: int = 0) -> list[int]:
-        first = self.register(group)
-        self.ready_all()
-        peers = [first] + [self.register(group) for _ in range(n - 1)]
-        if n > 1:
-            self.send(first, P.Vote(P.UPDATE_TOPOLOGY))
-            self.ready_all()
-        for peer in peers:
-            self.inbox[peer].clear()
-        return peers
+    def register(self, group: int = 0, host: str | None = None, advertise: str | None = None) -> int:
+        return super().register(group, host or f"10.0.0.{self._conn + 1}", advertise)
 
     def probes(self) -> dict[int, tuple[int, P.BandwidthProbe]]:
         """Probe requests received since the last call, by id (their sender is the addressee)."""
