@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import pccl
+from parallel import in_parallel
 from pccl import InvalidUsageError, MasterConnectionError, PeerLostError, SharedStateError
 
 HB = 2.0
@@ -38,19 +39,6 @@ def master() -> Iterator[pccl.Master]:
 @pytest.fixture(scope="module")
 def groups() -> Iterator[int]:
     return itertools.count(300)
-
-
-def both(*calls: Callable[[], Any], timeout: float = 20) -> list[Any]:
-    """Run blocking calls at once on threads; each result or raised exception."""
-    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
-        out = []
-        for fut in futures:
-            try:
-                out.append(fut.result(timeout))
-            except Exception as exc:
-                out.append(exc)
-        return out
 
 
 @pytest.fixture
@@ -80,7 +68,7 @@ def assert_group_still_reduces(a: pccl.Communicator, b: pccl.Communicator) -> No
     """A correct all-reduce right after the misuse: exact, on both peers."""
     xa, xb = ints(a.peer_id, 1000), ints(b.peer_id, 1000)
     expected = np.arange(1000) * 20 + a.peer_id + b.peer_id
-    assert both(lambda: a.all_reduce(xa), lambda: b.all_reduce(xb)) == [pccl.ReduceInfo(2, 8000, 8000)] * 2
+    assert in_parallel(lambda: a.all_reduce(xa), lambda: b.all_reduce(xb)) == [pccl.ReduceInfo(2, 8000, 8000)] * 2
     assert np.array_equal(xa.numpy(), expected) and np.array_equal(xb.numpy(), expected)
 
 
@@ -142,7 +130,7 @@ def test_all_gather_mismatch_fails_both_and_gathers_nothing(
 ) -> None:
     a, b = pair
     xa, xb = ints(a.peer_id, 1000), ints(b.peer_id, numel_b, dtype_b)
-    got = both(lambda: a.all_gather(xa), lambda: b.all_gather(xb))
+    got = in_parallel(lambda: a.all_gather(xa), lambda: b.all_gather(xb))
     assert all(isinstance(e, InvalidUsageError) and repr(key) in str(e) for e in got), got
     assert torch.equal(xa, ints(a.peer_id, 1000)) and torch.equal(xb, ints(b.peer_id, numel_b, dtype_b))
     assert_group_still_reduces(a, b)
@@ -154,7 +142,7 @@ def test_broadcast_from_different_roots_fails_both_and_overwrites_nothing(
 ) -> None:
     a, b = pair
     xa, xb = ints(a.peer_id, 500), ints(b.peer_id, 500)
-    got = both(lambda: a.broadcast(xa, a.peer_id), lambda: b.broadcast(xb, b.peer_id))
+    got = in_parallel(lambda: a.broadcast(xa, a.peer_id), lambda: b.broadcast(xb, b.peer_id))
     assert all(isinstance(e, InvalidUsageError) and "'root'" in str(e) for e in got), got
     assert torch.equal(xa, ints(a.peer_id, 500)) and torch.equal(xb, ints(b.peer_id, 500))
     assert_group_still_reduces(a, b)
@@ -167,7 +155,7 @@ def test_multiple_with_retry_size_mismatch_is_detected_not_reduced(
     a, b = pair
     ta = [ints(a.peer_id, 100), ints(a.peer_id, 200), ints(a.peer_id, 300)]
     tb = [ints(b.peer_id, 100), ints(b.peer_id, 201), ints(b.peer_id, 300)]  # tensor 1 is one element longer
-    got = both(lambda: a.all_reduce_multiple_with_retry(ta, max_in_flight=1),
+    got = in_parallel(lambda: a.all_reduce_multiple_with_retry(ta, max_in_flight=1),
                lambda: b.all_reduce_multiple_with_retry(tb, max_in_flight=1))
     assert all(isinstance(e, InvalidUsageError) and "'numel'" in str(e) for e in got), got
     # Tensor 0 was reduced before the mismatch came up; 1 and 2 were never reduced.
@@ -179,13 +167,13 @@ def test_multiple_with_retry_size_mismatch_is_detected_not_reduced(
 
 
 @pytest.mark.timeout(60)
-def test_reduce_scatter_with_a_wrong_out_on_one_peer_fails_both(
+def test_reduce_scatter_with_a_wrong_out_on_one_peer_fails_in_parallel(
     pair: tuple[pccl.Communicator, pccl.Communicator],
 ) -> None:
     a, b = pair
     xa, xb = ints(a.peer_id, 10), ints(b.peer_id, 10)
     out_a, out_b = torch.zeros(5, dtype=torch.int64), torch.zeros(4, dtype=torch.int64)  # b's chunk has 5
-    got = both(lambda: a.reduce_scatter(xa, out_a), lambda: b.reduce_scatter(xb, out_b))
+    got = in_parallel(lambda: a.reduce_scatter(xa, out_a), lambda: b.reduce_scatter(xb, out_b))
     errors = {type(e) for e in got}
     assert all(isinstance(e, (InvalidUsageError, PeerLostError)) for e in got), got
     assert InvalidUsageError in errors and any("out has 4 elements" in str(e) for e in got), got
@@ -200,7 +188,7 @@ def test_shared_state_shape_mismatch_removes_one_peer_and_leaves_the_other_intac
     a, b = pair
     wa, wb = torch.arange(6, dtype=torch.float32), torch.arange(7, dtype=torch.float32)
     sa, sb = pccl.SharedState({"w": wa}, revision=3), pccl.SharedState({"w": wb}, revision=3)
-    got = both(lambda: a.sync_shared_state(sa), lambda: b.sync_shared_state(sb))
+    got = in_parallel(lambda: a.sync_shared_state(sa), lambda: b.sync_shared_state(sb))
     failed = [e for e in got if isinstance(e, Exception)]
     assert len(failed) == 1 and isinstance(failed[0], SharedStateError) and "'w'" in str(failed[0]), got
     assert torch.equal(wa, torch.arange(6.0)) and torch.equal(wb, torch.arange(7.0))

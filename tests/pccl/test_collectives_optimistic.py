@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from collective_helpers import check_result, inputs, kill_all, start_groups, wait_for
 from collective_peer import link_stats
 from collectives.ring import ring_all_reduce
+from parallel import in_parallel
 from pccl import InvalidUsageError, ReduceOp
 from pccl import master_collectives as colls
 from pccl import protocol as P
@@ -350,25 +351,6 @@ def pair(master: Master) -> Iterator[list[Communicator]]:
         wait_for(lambda: not master.status()["accepted"], 20, "the peers to leave the run")
 
 
-def both(calls: list[Callable[[], Any]]) -> list[Any]:
-    """Run the calls in two threads at once; their results or exceptions."""
-    out: list[Any] = [None, None]
-
-    def run(i: int) -> None:
-        try:
-            out[i] = calls[i]()
-        except Exception as exc:  # the test asserts on it
-            out[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads)
-    return out
-
-
 def _reduced(xs: list[torch.Tensor], got: torch.Tensor) -> None:
     ref = np.sum([x.double().numpy() for x in xs], axis=0)
     assert np.abs(got.double().numpy() - ref).max() <= 4 * np.finfo(np.float32).eps * np.abs(ref).max()
@@ -381,7 +363,11 @@ def test_a_confirmed_start_reduces_correctly_and_a_non_optimistic_peer_forces_a_
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(300_001, generator=g) for _ in range(2)]
     ys = [x.clone() for x in xs]
-    infos = both([lambda: pair[0].all_reduce(ys[0], tag=5), lambda: pair[1].all_reduce(ys[1], tag=5)])
+    infos = in_parallel(
+        lambda: pair[0].all_reduce(ys[0], tag=5),
+        lambda: pair[1].all_reduce(ys[1], tag=5),
+        timeout=30,
+    )
     assert [i.world_size for i in infos] == [2, 2] and torch.equal(ys[0], ys[1])
     _reduced(xs, ys[0])
     assert [link_stats(c)["confirmed"] for c in pair] == [1, 1]
@@ -396,7 +382,11 @@ def test_a_confirmed_start_reduces_correctly_and_a_non_optimistic_peer_forces_a_
         return ctx.world_size
 
     desc = descriptor("all_reduce", ys[1], ReduceOp.SUM, None)
-    got = both([lambda: pair[0].all_reduce(ys[0], tag=5), lambda: pair[1]._collective_blocking(5, desc, once)])
+    got = in_parallel(
+        lambda: pair[0].all_reduce(ys[0], tag=5),
+        lambda: pair[1]._collective_blocking(5, desc, once),
+        timeout=30,
+    )
     assert got[0].world_size == 2 and got[1] == 2 and torch.equal(ys[0], ys[1])
     _reduced(xs, ys[0])
     stats = [link_stats(c) for c in pair]
@@ -411,7 +401,11 @@ def test_a_mismatch_found_after_bytes_crossed_fails_both_with_usage_and_leaves_c
     # the other never posts (they wait in its side buffer) and some of the same size.
     xs = [torch.ones(3 << 20), torch.ones(3 << 19)]
     ys = [x.clone() for x in xs]
-    errors = both([lambda: pair[0].all_reduce(ys[0], tag=1), lambda: pair[1].all_reduce(ys[1], tag=1)])
+    errors = in_parallel(
+        lambda: pair[0].all_reduce(ys[0], tag=1),
+        lambda: pair[1].all_reduce(ys[1], tag=1),
+        timeout=30,
+    )
     for error in errors:
         assert isinstance(error, InvalidUsageError) and "disagree on 'numel'" in str(error), errors
     assert all(torch.equal(x, y) for x, y in zip(xs, ys))  # restored
@@ -423,7 +417,11 @@ def test_a_mismatch_found_after_bytes_crossed_fails_both_with_usage_and_leaves_c
     for confirmed in ([0, 0], [1, 1]):
         xs = [torch.randn(1 << 20, generator=g) for _ in range(2)]
         ys = [x.clone() for x in xs]
-        both([lambda: pair[0].all_reduce(ys[0], tag=1), lambda: pair[1].all_reduce(ys[1], tag=1)])
+        in_parallel(
+            lambda: pair[0].all_reduce(ys[0], tag=1),
+            lambda: pair[1].all_reduce(ys[1], tag=1),
+            timeout=30,
+        )
         assert torch.equal(ys[0], ys[1])
         _reduced(xs, ys[0])
         assert [link_stats(c)["confirmed"] for c in pair] == confirmed

@@ -9,7 +9,6 @@ sync. Every expected value is computed here with numpy.
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 from typing import Any, Callable
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 import pccl
+from parallel import in_parallel
 from pccl import MasterConnectionError
 
 PEERS = 3
@@ -25,8 +25,11 @@ PEERS = 3
 
 def on_all(calls: list[Callable[[], Any]], timeout: float = 30) -> list[Any]:
     """Run one blocking call per peer at once; their results (an exception is raised here)."""
-    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
-        return [f.result(timeout) for f in [pool.submit(call) for call in calls]]
+    out = in_parallel(*calls, timeout=timeout)
+    for result in out:
+        if isinstance(result, Exception):
+            raise result
+    return out
 
 
 def join(address: str) -> list[pccl.Communicator]:

@@ -9,12 +9,12 @@ aborts) and the master going away.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 from typing import Any, Callable, Iterator
 
 import pytest
 
+from parallel import in_parallel
 from pccl import protocol as P
 from pccl.communicator import Communicator, parse_address
 from pccl.errors import (
@@ -48,19 +48,6 @@ def make_comm() -> Iterator[Callable[..., Communicator]]:
     yield make
     for comm in comms:
         comm.close()
-
-
-def in_parallel(*calls: Callable[[], Any], timeout: float = 20) -> list[Any]:
-    """Run blocking calls on threads at once; their results or raised exceptions."""
-    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
-        out = []
-        for fut in futures:
-            try:
-                out.append(fut.result(timeout))
-            except Exception as exc:
-                out.append(exc)
-        return out
 
 
 def group_of(master: Master, make_comm: Callable[..., Communicator], n: int) -> list[Communicator]:
